@@ -1,0 +1,261 @@
+"""The ``apipool`` command line: up, slot, submit, result, stats, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from . import __version__
+from .errors import ApipoolError, ConfigError
+from .settings import ENV_REDIS_URL, SlotSettings, Timings, default_redis_url
+
+EXIT_USAGE = 2
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def _add_redis(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis-url",
+        default=default_redis_url(),
+        help=f"Redis URL (default: ${ENV_REDIS_URL})",
+    )
+    p.add_argument("--pool", required=True, help="pool name")
+
+
+def _add_slot_options(p: argparse.ArgumentParser) -> None:
+    t = Timings()
+    p.add_argument(
+        "--handler",
+        action="append",
+        dest="handlers",
+        metavar="H",
+        help="'http', 'module:function' or 'name=module:function'; repeatable, first is default",
+    )
+    p.add_argument("--call-timeout", type=_positive, default=t.call_timeout, metavar="S")
+    p.add_argument("--heartbeat-interval", type=_positive, default=t.heartbeat_interval, metavar="S")
+    p.add_argument("--fence-margin", type=_positive, default=t.fence_margin, metavar="S")
+    p.add_argument("--take-block", type=_positive, default=t.take_block, metavar="S")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="K")
+    p.add_argument("--result-ttl", type=_positive, default=3600.0, metavar="S")
+
+
+def _timings(args: argparse.Namespace) -> Timings:
+    return Timings(
+        call_timeout=args.call_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        fence_margin=args.fence_margin,
+        take_block=args.take_block,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apipool",
+        description="Keep a paid API at exactly its concurrent-connection limit.",
+    )
+    parser.add_argument("--version", action="version", version=f"apipool {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run N slot processes on this machine (local supervisor)")
+    _add_redis(up)
+    up.add_argument("--slots", type=_count, required=True, metavar="N", help="the API's limit")
+    _add_slot_options(up)
+    up.add_argument("--liveness-window", type=_positive, default=3.0, metavar="S")
+    up.add_argument("--max-queue-length", type=_count, default=0, metavar="L")
+    up.add_argument("--log-dir", default=None, help="write slot logs here instead of stderr")
+
+    slot = sub.add_parser("slot", help="run one slot worker in this process")
+    _add_redis(slot)
+    slot.add_argument("--slot", type=_count, required=True, metavar="I")
+    _add_slot_options(slot)
+    slot.add_argument("--health-host", default="127.0.0.1")
+    slot.add_argument("--health-port", type=_count, default=8080)
+    slot.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    slot.add_argument("--max-envelope-bytes", type=int, default=1 << 20)
+
+    submit = sub.add_parser("submit", help="queue one job; print its id (or its result)")
+    _add_redis(submit)
+    submit.add_argument("payload", help="the job payload as JSON, or - to read it from stdin")
+    submit.add_argument("--deadline-in", type=_positive, default=None, metavar="S")
+    submit.add_argument("--handler", default=None)
+    submit.add_argument("--wait", type=_positive, default=None, metavar="S",
+                        help="wait this long for the result and print it")  # fmt: skip
+
+    result = sub.add_parser("result", help="wait for a job's result and print it")
+    _add_redis(result)
+    result.add_argument("job_id")
+    result.add_argument("--timeout", type=_positive, default=30.0, metavar="S")
+
+    stats = sub.add_parser("stats", help="queue depth, in-flight per slot, dead letters")
+    _add_redis(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--dead", type=_count, default=0, metavar="K",
+                       help="also show the K newest dead letters")  # fmt: skip
+
+    demo = sub.add_parser("demo", help="the local demo: a pool against a limited stand-in API")
+    demo.add_argument("--duration", type=_positive, default=30.0, metavar="S")
+    demo.add_argument("--slots", type=int, default=4, metavar="N")
+    demo.add_argument("--chaos", action="store_true", help="SIGKILL and SIGSTOP random slots")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.add_argument("--redis-url", default=default_redis_url(),
+                      help="use this Redis instead of a throwaway redis-server")  # fmt: skip
+    demo.add_argument("--call-ms", type=_positive, default=100.0, help="API call duration")
+    demo.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def _need_redis(args: argparse.Namespace) -> str:
+    if not args.redis_url:
+        raise ConfigError(f"no Redis: pass --redis-url or set ${ENV_REDIS_URL}")
+    return str(args.redis_url)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .supervisor import Supervisor, SupervisorSettings
+
+    settings = SupervisorSettings(
+        redis_url=_need_redis(args),
+        pool=args.pool,
+        slots=args.slots,
+        handlers=tuple(args.handlers or ("http",)),
+        timings=_timings(args),
+        max_attempts=args.max_attempts,
+        result_ttl=args.result_ttl,
+        max_queue_length=args.max_queue_length,
+        liveness_window=args.liveness_window,
+        log_dir=args.log_dir,
+        log_level=args.log_level,
+    )
+    return asyncio.run(Supervisor(settings).run())
+
+
+def _cmd_slot(args: argparse.Namespace) -> int:
+    from .slot import run_slot
+
+    settings = SlotSettings(
+        redis_url=_need_redis(args),
+        pool=args.pool,
+        slot=args.slot,
+        handlers=tuple(args.handlers or ("http",)),
+        timings=_timings(args),
+        max_attempts=args.max_attempts,
+        result_ttl=args.result_ttl,
+        max_envelope_bytes=args.max_envelope_bytes,
+        health_host=args.health_host,
+        health_port=args.health_port,
+        parent_pid=args.parent_pid,
+    )
+    return run_slot(settings)
+
+
+def _print(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"payload is not valid JSON: {exc}") from None
+    deadline = time.time() + args.deadline_in if args.deadline_in else None
+    with Client(_need_redis(args), args.pool) as client:
+        job_id = client.submit(payload, deadline=deadline, handler=args.handler)
+        if args.wait is None:
+            print(job_id)
+            return 0
+        _print(client.wait(job_id, args.wait).__dict__)
+    return 0
+
+
+def _cmd_result(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(_need_redis(args), args.pool) as client:
+        record = client.wait(args.job_id, args.timeout)
+    _print(record.__dict__)
+    return 0 if record.status == "ok" else 1
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .layout import PoolKeys
+    from .stats import read_stats
+
+    with redis.Redis.from_url(_need_redis(args), socket_timeout=5) as r:
+        stats = read_stats(r, args.pool)
+        dead = [json.loads(x) for x in r.lrange(PoolKeys(args.pool).dead, 0, args.dead - 1)] if args.dead else []
+    if args.json:
+        doc = stats.to_dict()
+        if dead:
+            doc["dead"] = dead
+        print(json.dumps(doc, sort_keys=True))
+        return 0
+    util = stats.utilization
+    print(f"pool {stats.pool}: {stats.slots} slots, {stats.busy} busy"
+          f" ({'-' if util is None else f'{util:.0%}'}), {stats.queued} queued,"
+          f" {stats.dead_letters} dead letters")  # fmt: skip
+    for i, n in sorted(stats.inflight.items()):
+        holder = stats.leases.get(i, "(no lease)")
+        print(f"  slot {i}: {'busy' if n else 'idle'}  lease {holder}")
+    print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
+    for entry in dead:
+        print(f"  dead {entry.get('id')}: {entry.get('reason')}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {
+    "up": _cmd_up,
+    "slot": _cmd_slot,
+    "submit": _cmd_submit,
+    "result": _cmd_result,
+    "stats": _cmd_stats,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ApipoolError as exc:
+        print(f"apipool: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except redis.exceptions.ConnectionError as exc:
+        print(f"apipool: error: cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,52 @@
+"""Exceptions raised by apipool. Errors of Redis are converted at the boundary."""
+
+from __future__ import annotations
+
+
+class ApipoolError(Exception):
+    """Base class of every error apipool raises on purpose."""
+
+
+class ConfigError(ApipoolError):
+    """A setting or argument is invalid; the message says which and why."""
+
+
+class RedisUnavailable(ApipoolError):
+    """Redis could not be reached or answered with an error."""
+
+
+class QueueFull(ApipoolError):
+    """The pool's queue is at its configured maximum length; nothing was queued."""
+
+    def __init__(self, pool: str, depth: int, limit: int) -> None:
+        super().__init__(f"queue of pool {pool!r} is full ({depth} queued, limit {limit})")
+        self.pool = pool
+        self.depth = depth
+        self.limit = limit
+
+
+class ResultTimeout(ApipoolError):
+    """No result arrived within the time the caller was willing to wait."""
+
+    def __init__(self, job_id: str, timeout: float) -> None:
+        super().__init__(f"no result for job {job_id} within {timeout:g} s")
+        self.job_id = job_id
+        self.timeout = timeout
+
+
+class JobFailed(ApipoolError):
+    """The job was dead-lettered; ``reason`` is the dead-letter reason."""
+
+    def __init__(self, job_id: str, reason: str, attempt: int | None = None) -> None:
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+        self.attempt = attempt
+
+
+class JobExpired(JobFailed):
+    """The job's deadline passed before a slot could call the API for it."""
+
+
+class EnvelopeError(ApipoolError):
+    """A job envelope does not follow the wire format; the message is the reason."""

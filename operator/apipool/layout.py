@@ -1,0 +1,209 @@
+"""The Redis key layout of a pool and every atomic step on it.
+
+This module is the one place that names Redis keys and holds the Lua scripts.
+Everything else goes through :class:`PoolKeys` and the ``*_SCRIPT`` constants.
+
+Keys of pool ``P`` (the ``{P}`` hash tag keeps a pool on one Redis Cluster slot)
+===============================================================================
+
+``apipool:{P}:queue``           LIST of job envelopes (JSON, see envelope.py).
+                                Producers ``LPUSH``; slots take from the right,
+                                so the list is FIFO. Retries after a failed call
+                                go to the left (back of the line); jobs recovered
+                                from a dead slot, or handed back unrun, go to the
+                                right (front of the line).
+``apipool:{P}:inflight:<i>``    LIST: the envelope slot ``i`` is working on (at
+                                most one). Filled by ``BLMOVE queue inflight RIGHT
+                                LEFT``; emptied only by COMPLETE or REQUEUE, so a
+                                job is always in exactly one of: queue, one
+                                in-flight list, its outcome.
+``apipool:{P}:lease:<i>``       STRING ``<owner>/<incarnation>``, with a PX TTL.
+                                The holder of slot ``i``. ``owner`` is stable for
+                                what may restart the process (a pod UID, a local
+                                supervisor's id); ``incarnation`` is unique per
+                                process. Renewed by the slot's heartbeat.
+``apipool:{P}:result:<id>``     LIST holding one result record (JSON), with a TTL
+                                (``PEXPIRE``). Waiters read it without removing it
+                                by ``BLMOVE key key RIGHT RIGHT timeout`` (a blocking
+                                rotation of a one-element list), so any number of
+                                readers, and a reader that retries, see it. A job
+                                may name another key in ``reply_to``.
+``apipool:{P}:dead``            LIST of dead-letter entries (JSON: id, reason,
+                                envelope, slot, attempt, failed_at), newest left.
+``apipool:{P}:stats``           HASH of counters: ``submitted`` (by the submit
+                                script; a plain ``LPUSH`` producer is not counted),
+                                ``ok``, ``expired``, ``dead``, ``retried``,
+                                ``recovered``, ``busy_ms`` (handler time of
+                                finished calls).
+``apipool:{P}:config``          HASH of pool settings read by producers:
+                                ``max_queue_length`` (0 or absent: unbounded),
+                                ``slots`` (N, for stats).
+
+Atomic steps
+============
+
+SUBMIT     (script) reject the whole batch when the queue would pass
+           ``max_queue_length``, else ``LPUSH`` it and count it.
+TAKE       ``BLMOVE queue inflight:<i> RIGHT LEFT`` (one command, atomic).
+ACQUIRE    (script) take the lease when free, keep it when ours, take it over at
+           once when its owner is ours (the predecessor is known dead: the same
+           supervisor or pod only starts a process after the old one is gone).
+RENEW      (script) extend the lease only while it still holds our token.
+RELEASE    (script) delete the lease only while it still holds our token.
+COMPLETE   (script) remove the exact envelope from the slot's in-flight list and,
+           only if it was there, write the result (with TTL), the dead-letter
+           entry if any, and the counters. Whoever removes a job from in-flight
+           writes its one outcome, so a job never gets two.
+REQUEUE    (script) remove the exact envelope from in-flight and, only if it was
+           there, push a (possibly rewritten) envelope back to the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KEY_PREFIX = "apipool"
+
+
+@dataclass(frozen=True)
+class PoolKeys:
+    """Key names of one pool."""
+
+    pool: str
+
+    @property
+    def base(self) -> str:
+        return f"{KEY_PREFIX}:{{{self.pool}}}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.base}:queue"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}:stats"
+
+    @property
+    def config(self) -> str:
+        return f"{self.base}:config"
+
+    def inflight(self, slot: int) -> str:
+        return f"{self.base}:inflight:{slot}"
+
+    def lease(self, slot: int) -> str:
+        return f"{self.base}:lease:{slot}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.base}:result:{job_id}"
+
+    @property
+    def inflight_pattern(self) -> str:
+        return f"{self.base}:inflight:*"
+
+    @property
+    def lease_pattern(self) -> str:
+        return f"{self.base}:lease:*"
+
+
+# KEYS[1] queue, KEYS[2] config, KEYS[3] stats
+# ARGV    envelopes (JSON), pushed in order
+# returns the queue length after the push, or -1 - current length when the
+#         batch would pass max_queue_length (nothing pushed)
+SUBMIT_SCRIPT = """
+local limit = tonumber(redis.call('HGET', KEYS[2], 'max_queue_length') or '0') or 0
+local depth = redis.call('LLEN', KEYS[1])
+if limit > 0 and depth + #ARGV > limit then
+  return -1 - depth
+end
+local n = redis.call('LPUSH', KEYS[1], unpack(ARGV))
+redis.call('HINCRBY', KEYS[3], 'submitted', #ARGV)
+return n
+"""
+
+# KEYS[1] lease
+# ARGV[1] token "<owner>/<incarnation>", ARGV[2] owner prefix "<owner>/", ARGV[3] ttl ms
+# returns {code, holder, pttl}: code 1 = acquired a free lease, 2 = already ours
+#         (renewed), 3 = taken over from a dead predecessor of the same owner,
+#         0 = held by someone else (holder and its remaining ttl returned)
+ACQUIRE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return {1, ARGV[1], tonumber(ARGV[3])}
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {2, cur, tonumber(ARGV[3])}
+end
+if string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return {3, cur, tonumber(ARGV[3])}
+end
+return {0, cur, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms
+# returns 1 when extended, 0 when the lease is no longer ours
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] lease; ARGV[1] token
+# returns 1 when deleted, 0 when it was not ours
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] inflight, KEYS[2] result key, KEYS[3] stats, KEYS[4] dead
+# ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
+# ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
+# ARGV[6] dead-letter entry (JSON) or ''
+# returns 1 when the outcome was written, 0 when the job was no longer ours
+COMPLETE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+if KEYS[2] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+if ARGV[6] ~= '' then
+  redis.call('LPUSH', KEYS[4], ARGV[6])
+end
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+if tonumber(ARGV[5]) > 0 then
+  redis.call('HINCRBY', KEYS[3], 'busy_ms', ARGV[5])
+end
+return 1
+"""
+
+# KEYS[1] inflight, KEYS[2] queue, KEYS[3] stats
+# ARGV[1] envelope exactly as taken, ARGV[2] envelope to queue,
+# ARGV[3] 'front' (RPUSH: taken next) or 'back' (LPUSH), ARGV[4] counter or ''
+# returns 1 when requeued, 0 when the job was no longer ours
+REQUEUE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[3] == 'front' then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+else
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+end
+if ARGV[4] ~= '' then
+  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+end
+return 1
+"""

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one slot worker (its own registry, served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES = ("ok", "retry", "dead", "expired", "timeout", "malformed")
+
+
+class SlotMetrics:
+    def __init__(self, pool: str, slot: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"pool": pool, "slot": str(slot)}
+        self._labels = labels
+        self.calls = Counter(
+            "apipool_calls",
+            "Jobs finished by this slot, by outcome (ok, retry, dead, expired, timeout, malformed)",
+            ["pool", "slot", "outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.calls.labels(outcome=outcome, **labels)
+        self.busy_seconds = Counter(
+            "apipool_busy_seconds",
+            "Seconds this slot spent inside handler calls",
+            ["pool", "slot"],
+            registry=self.registry,
+        ).labels(**labels)
+        self.queue_wait = Histogram(
+            "apipool_queue_wait_seconds",
+            "Seconds from submission to the start of the handler call",
+            ["pool", "slot"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        ).labels(**labels)
+        self.attempts = Histogram(
+            "apipool_attempt",
+            "Attempt number of the calls this slot started",
+            ["pool", "slot"],
+            buckets=(1, 2, 3, 5, 10),
+            registry=self.registry,
+        ).labels(**labels)
+        self.lease_losses = Counter(
+            "apipool_lease_losses",
+            "Times this slot found its lease gone or taken",
+            ["pool", "slot"],
+            registry=self.registry,
+        ).labels(**labels)
+        self.busy = Gauge(
+            "apipool_slot_busy",
+            "1 while a handler call is in progress",
+            ["pool", "slot"],
+            registry=self.registry,
+        ).labels(**labels)
+        self.lease_held = Gauge(
+            "apipool_lease_held",
+            "1 while this slot holds its lease",
+            ["pool", "slot"],
+            registry=self.registry,
+        ).labels(**labels)
+
+    def outcome(self, name: str) -> None:
+        self.calls.labels(outcome=name, **self._labels).inc()

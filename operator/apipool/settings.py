@@ -1,0 +1,109 @@
+"""Settings of a slot worker and of the local supervisor: frozen, documented, checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+ENV_REDIS_URL = "APIPOOL_REDIS_URL"
+ENV_OWNER = "APIPOOL_OWNER"
+POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def default_redis_url() -> str | None:
+    return os.environ.get(ENV_REDIS_URL) or None
+
+
+def default_owner() -> str:
+    """Who may restart this process: the pod (``APIPOOL_OWNER``) or host and parent."""
+    return os.environ.get(ENV_OWNER) or f"{socket.gethostname()}:{os.getppid()}"
+
+
+def check_pool_name(pool: str) -> str:
+    if not POOL_NAME.match(pool):
+        raise ConfigError(
+            f"pool name {pool!r} must be 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return pool
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Time budget of a slot. All values in seconds."""
+
+    call_timeout: float = 10.0
+    """Longest a single handler call may run before it is cancelled."""
+    fence_margin: float = 1.0
+    """A call starts only while the lease stays valid for call_timeout + fence_margin."""
+    heartbeat_interval: float = 1.0
+    """How often the lease is renewed (and the liveness heartbeat ticks)."""
+    health_grace: float = 2.0
+    """/healthz fails once a call has run longer than call_timeout + health_grace."""
+    take_block: float = 0.5
+    """How long one blocking take waits for a job before checking the lease again."""
+
+    def __post_init__(self) -> None:
+        for name in ("call_timeout", "fence_margin", "heartbeat_interval", "take_block"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.health_grace < 0:
+            raise ConfigError(f"health_grace must be >= 0 seconds, got {self.health_grace}")
+
+    @property
+    def lease_ttl(self) -> float:
+        """Lease time to live: a renewed lease always leaves room for a full call."""
+        return self.call_timeout + self.fence_margin + 3 * self.heartbeat_interval
+
+    @property
+    def shutdown_grace(self) -> float:
+        """Bound on a graceful stop: finish the current call, then release."""
+        return self.call_timeout + self.take_block + 2 * self.heartbeat_interval
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """Everything one slot worker process needs."""
+
+    redis_url: str
+    """Redis holding the pool's queue, leases and results."""
+    pool: str
+    """Pool name: a DNS label, shared by the producers and all slots."""
+    slot: int
+    """Slot index, 0 <= slot < N. Only one live process may hold a slot."""
+    handlers: tuple[str, ...] = ("http",)
+    """Handler specs: ``http``, ``module:function`` or ``name=module:function``; the
+    first serves jobs that name no handler."""
+    timings: Timings = field(default_factory=Timings)
+    max_attempts: int = 3
+    """A job is dead-lettered after failing this many attempts."""
+    result_ttl: float = 3600.0
+    """Seconds a result stays readable."""
+    max_envelope_bytes: int = 1 << 20
+    """Larger envelopes are dead-lettered unread."""
+    owner: str = field(default_factory=default_owner)
+    """Stable identity of whatever restarts this process (pod UID, supervisor id)."""
+    health_host: str = "127.0.0.1"
+    health_port: int = 0
+    """Port of /healthz, /readyz, /metrics; 0 picks a free one."""
+    parent_pid: int | None = None
+    """Stop gracefully when this parent process is gone (local supervisor)."""
+
+    def __post_init__(self) -> None:
+        check_pool_name(self.pool)
+        if self.slot < 0:
+            raise ConfigError(f"slot must be >= 0, got {self.slot}")
+        if not self.handlers:
+            raise ConfigError("at least one handler is needed")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.result_ttl <= 0:
+            raise ConfigError(f"result_ttl must be > 0 seconds, got {self.result_ttl}")
+        if self.max_envelope_bytes < 256:
+            raise ConfigError("max_envelope_bytes must be >= 256")
+        if "/" in self.owner:
+            raise ConfigError(f"owner {self.owner!r} must not contain '/'")

@@ -1,0 +1,563 @@
+"""The slot worker: one process, one lease, at most one API call in flight.
+
+Life of a slot (see layout.py for the keys and atomic steps):
+
+1. Heartbeat task: acquire the lease of slot ``i`` (or take it over at once from
+   a dead predecessor of the same owner), then renew it every
+   ``heartbeat_interval``. ``lease_valid_until`` is counted from the moment the
+   renew was *sent*, so it never overstates the lease.
+2. Recover what a previous incarnation left in ``inflight:<i>``: requeue it at
+   the front with ``attempt + 1``, or dead-letter it after ``max_attempts``.
+3. Loop: take a job with ``BLMOVE queue -> inflight:<i>``; dead-letter it when it
+   is malformed or names an unknown handler; answer ``expired`` past its
+   deadline; start the call only while the lease stays valid for longer than
+   ``call_timeout + fence_margin`` (self-fencing); complete, retry or
+   dead-letter it in one atomic step.
+4. SIGTERM: stop taking, finish the current call (it is bounded by its
+   timeout), hand back a job taken but not started, release the lease, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .envelope import (
+    STATUS_DEAD,
+    STATUS_EXPIRED,
+    STATUS_OK,
+    Envelope,
+    dead_letter_entry,
+    parse_envelope,
+    result_record,
+    salvage_id,
+)
+from .errors import EnvelopeError
+from .handlers import Call, Handler, close_http_session, load_handlers
+from .layout import (
+    ACQUIRE_SCRIPT,
+    COMPLETE_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+    REQUEUE_SCRIPT,
+    PoolKeys,
+)
+from .metrics import SlotMetrics
+from .settings import SlotSettings
+
+log = logging.getLogger("apipool.slot")
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_OVERRUN = 3  # a sync handler overran its timeout; its thread cannot be stopped
+
+
+def _client(url: str, timeout: float | None) -> aioredis.Redis:
+    """A client that never retries on its own: a retried BLMOVE could take two jobs."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout or 2.0, 2.0),
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+
+
+class SlotWorker:
+    """One slot of a pool. ``await run()`` returns the process exit code."""
+
+    def __init__(self, settings: SlotSettings, handlers: dict[str, Handler] | None = None):
+        self.settings = settings
+        self.timings = settings.timings
+        self.keys = PoolKeys(settings.pool)
+        self.handlers = handlers if handlers is not None else load_handlers(settings.handlers)
+        self.metrics = SlotMetrics(settings.pool, settings.slot)
+        self.token = f"{settings.owner}/{uuid.uuid4().hex}"
+        self.inflight_key = self.keys.inflight(settings.slot)
+        self.lease_key = self.keys.lease(settings.slot)
+
+        self.lease_held = False
+        self.lease_valid_until = 0.0  # time.monotonic()
+        self.lease_epoch = 0  # bumped at every acquisition
+        self.redis_ok = False
+        self.last_tick = time.monotonic()
+        self.call_started: float | None = None
+        self.exit_code = EXIT_OK
+        self.health_port: int | None = None
+        self.stopping = asyncio.Event()
+        self._lease_changed = asyncio.Event()
+        self._waiting_logged = False
+
+        t = self.timings
+        self.ctl = _client(settings.redis_url, t.heartbeat_interval)
+        self.work = _client(settings.redis_url, t.take_block + 5.0)
+        self._acquire = self.ctl.register_script(ACQUIRE_SCRIPT)
+        self._renew = self.ctl.register_script(RENEW_SCRIPT)
+        self._release = self.ctl.register_script(RELEASE_SCRIPT)
+        self._complete = self.work.register_script(COMPLETE_SCRIPT)
+        self._requeue = self.work.register_script(REQUEUE_SCRIPT)
+
+    # -- lease ------------------------------------------------------------------
+
+    def lease_ok_for(self, seconds: float) -> bool:
+        return self.lease_held and self.lease_valid_until - time.monotonic() > seconds
+
+    async def refresh_lease(self) -> None:
+        """One heartbeat: renew the lease we hold, or try to get it."""
+        ttl_ms = int(self.timings.lease_ttl * 1000)
+        sent = time.monotonic()
+        try:
+            if self.lease_held:
+                if await self._renew(keys=[self.lease_key], args=[self.token, ttl_ms]):
+                    self.lease_valid_until = sent + self.timings.lease_ttl
+                else:
+                    self._lose_lease("the lease was gone or taken at renewal")
+            else:
+                code, holder, pttl = await self._acquire(
+                    keys=[self.lease_key],
+                    args=[self.token, f"{self.settings.owner}/", ttl_ms],
+                )
+                if int(code) > 0:
+                    self._gain_lease(int(code), holder)
+                    self.lease_valid_until = sent + self.timings.lease_ttl
+                elif not self._waiting_logged:
+                    self._waiting_logged = True
+                    log.info(
+                        "slot %d is held by %s for up to %d ms more; waiting",
+                        self.settings.slot,
+                        holder.decode(errors="replace"),
+                        int(pttl),
+                    )
+            self.redis_ok = True
+        except RedisError as exc:
+            if self.redis_ok:
+                log.warning("redis unreachable at heartbeat: %s", exc)
+            self.redis_ok = False
+        self.metrics.lease_held.set(1 if self.lease_ok_for(0) else 0)
+        self._lease_changed.set()
+
+    def _gain_lease(self, code: int, previous: bytes) -> None:
+        self.lease_held = True
+        self.lease_epoch += 1
+        self._waiting_logged = False
+        if code == 3:
+            log.info(
+                "slot %d: took over the lease of dead predecessor %s",
+                self.settings.slot,
+                previous.decode(errors="replace"),
+            )
+        else:
+            log.info("slot %d: lease acquired", self.settings.slot)
+
+    def _lose_lease(self, why: str) -> None:
+        self.lease_held = False
+        self.lease_valid_until = 0.0
+        self.metrics.lease_losses.inc()
+        log.warning("slot %d: lease lost (%s); not calling until it is back", self.settings.slot, why)
+
+    async def heartbeat_loop(self) -> None:
+        interval = self.timings.heartbeat_interval
+        while True:
+            started = time.monotonic()
+            self.last_tick = started
+            parent = self.settings.parent_pid
+            if parent is not None and os.getppid() != parent and not self.stopping.is_set():
+                log.warning("supervisor (pid %d) is gone; stopping", parent)
+                self.stop()
+            await self.refresh_lease()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _wait_lease_change(self, timeout: float) -> None:
+        self._lease_changed.clear()
+        try:
+            await asyncio.wait_for(self._lease_changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- redis writes that must happen ------------------------------------------
+
+    async def _persist(self, what: str, op: Callable[[], Awaitable[T]]) -> T | None:
+        """Retry a write until Redis takes it; give up only once stopping has
+        outlasted the shutdown grace (the job then stays in flight and is
+        recovered by the next incarnation)."""
+        delay = 0.05
+        give_up_at: float | None = None
+        while True:
+            try:
+                return await op()
+            except RedisError as exc:
+                log.warning("%s failed (%s); retrying", what, exc)
+            if self.stopping.is_set():
+                give_up_at = give_up_at or time.monotonic() + self.timings.shutdown_grace
+                if time.monotonic() > give_up_at:
+                    log.error("%s: giving up at shutdown; the job stays in flight", what)
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _finish(
+        self,
+        raw: bytes,
+        *,
+        job_id: str | None,
+        reply_to: str | None,
+        record: str,
+        counter: str,
+        busy_ms: int = 0,
+        dead_entry: str = "",
+    ) -> bool:
+        result_key = reply_to or (self.keys.result(job_id) if job_id else "")
+        ttl_ms = int(self.settings.result_ttl * 1000)
+        done = await self._persist(
+            f"completing job {job_id}",
+            lambda: self._complete(
+                keys=[self.inflight_key, result_key, self.keys.stats, self.keys.dead],
+                args=[raw, record, ttl_ms, counter, busy_ms, dead_entry],
+            ),
+        )
+        if done == 0:
+            log.warning("job %s was no longer in flight here; outcome not written", job_id)
+        return bool(done)
+
+    async def _dead_letter(
+        self, raw: bytes, reason: str, *, env: Envelope | None, busy_ms: int = 0
+    ) -> None:
+        job_id = env.id if env else salvage_id(raw)
+        attempt = env.attempt if env else None
+        text = raw.decode(errors="replace")
+        log.warning("dead-lettering job %s: %s", job_id, reason)
+        await self._finish(
+            raw,
+            job_id=job_id,
+            reply_to=env.reply_to if env else None,
+            record=result_record(
+                job_id=job_id or "",
+                status=STATUS_DEAD,
+                attempt=attempt or 0,
+                slot=self.settings.slot,
+                error=reason,
+            ),
+            counter="dead",
+            busy_ms=busy_ms,
+            dead_entry=dead_letter_entry(
+                raw=text, reason=reason, slot=self.settings.slot, job_id=job_id, attempt=attempt
+            ),
+        )
+
+    async def _requeue_job(self, raw: bytes, new_raw: str | bytes, *, front: bool, counter: str) -> bool:
+        done = await self._persist(
+            "requeueing a job",
+            lambda: self._requeue(
+                keys=[self.inflight_key, self.keys.queue, self.keys.stats],
+                args=[raw, new_raw, "front" if front else "back", counter],
+            ),
+        )
+        return bool(done)
+
+    # -- recovery ---------------------------------------------------------------
+
+    async def recover_inflight(self, *, predecessor: bool) -> None:
+        """Deal with what is in our in-flight list while we run no call.
+
+        ``predecessor``: left by an earlier incarnation that may have called the
+        API, so it costs an attempt; otherwise taken by us but never started (a
+        take whose reply was lost), so it goes back unchanged.
+        """
+        items: list[bytes] = await self._persist(
+            "reading the in-flight list", lambda: self.work.lrange(self.inflight_key, 0, -1)
+        ) or []
+        for raw in items:
+            if not predecessor:
+                await self._requeue_job(raw, raw, front=True, counter="")
+                continue
+            try:
+                env = parse_envelope(raw, max_bytes=self.settings.max_envelope_bytes)
+            except EnvelopeError as exc:
+                await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
+                continue
+            if env.attempt >= self.settings.max_attempts:
+                await self._dead_letter(
+                    raw,
+                    f"slot died during attempt {env.attempt} of {self.settings.max_attempts}",
+                    env=env,
+                )
+            else:
+                log.info("recovered job %s left in flight (attempt %d)", env.id, env.attempt)
+                await self._requeue_job(raw, env.next_attempt().to_json(), front=True, counter="recovered")
+
+    # -- the work loop ----------------------------------------------------------
+
+    async def work_loop(self) -> None:
+        t = self.timings
+        call_budget = t.call_timeout + t.fence_margin
+        while not self.lease_held and not self.stopping.is_set():
+            await self._wait_lease_change(t.heartbeat_interval)
+        if self.stopping.is_set():
+            return
+        await self.recover_inflight(predecessor=True)
+        stray = False
+        while not self.stopping.is_set():
+            if not self.lease_ok_for(call_budget + t.take_block):
+                await self._wait_lease_change(t.heartbeat_interval)
+                continue
+            if stray:
+                await self.recover_inflight(predecessor=False)
+                stray = False
+            try:
+                raw = await self.work.blmove(
+                    self.keys.queue, self.inflight_key, t.take_block, "RIGHT", "LEFT"
+                )
+            except RedisError as exc:
+                log.warning("take failed: %s", exc)
+                stray = True  # the move may have happened with its reply lost
+                await asyncio.sleep(0.2)
+                continue
+            if raw is None:
+                continue
+            if self.stopping.is_set():
+                await self._requeue_job(raw, raw, front=True, counter="")
+                break
+            await self.process(raw, self.lease_epoch)
+            if self.exit_code != EXIT_OK:
+                break
+
+    async def process(self, raw: bytes, epoch: int) -> None:
+        s = self.settings
+        try:
+            env = parse_envelope(raw, max_bytes=s.max_envelope_bytes)
+        except EnvelopeError as exc:
+            self.metrics.outcome("malformed")
+            await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
+            return
+        handler = self.handlers.get(env.handler or "")
+        if handler is None:
+            known = ", ".join(sorted(name for name in self.handlers if name))
+            self.metrics.outcome("dead")
+            await self._dead_letter(
+                raw, f"unknown handler {env.handler!r}; this pool serves: {known}", env=env
+            )
+            return
+        if env.expired(time.time()):
+            self.metrics.outcome("expired")
+            await self._finish(
+                raw,
+                job_id=env.id,
+                reply_to=env.reply_to,
+                record=result_record(
+                    job_id=env.id,
+                    status=STATUS_EXPIRED,
+                    attempt=env.attempt,
+                    slot=s.slot,
+                    error="deadline passed before the call could start",
+                ),
+                counter="expired",
+            )
+            return
+        if not await self._fence(raw, epoch):
+            return
+        await self._call(raw, env, handler)
+
+    async def _fence(self, raw: bytes, epoch: int) -> bool:
+        """Wait until the lease leaves room for a whole call; False hands the job back."""
+        t = self.timings
+        budget = t.call_timeout + t.fence_margin
+        while True:
+            if self.lease_ok_for(budget):
+                if epoch == self.lease_epoch:
+                    return True
+                # The lease was lost and won again since the take: someone else
+                # may have recovered this job meanwhile. Call it only if still ours.
+                try:
+                    still_ours = await self.work.lpos(self.inflight_key, raw) is not None
+                except RedisError:
+                    still_ours = False
+                if still_ours:
+                    return True
+                log.warning("job taken before a lease loss is gone from in-flight; dropped here")
+                return False
+            if self.stopping.is_set():
+                await self._requeue_job(raw, raw, front=True, counter="")
+                return False
+            await self._wait_lease_change(t.heartbeat_interval)
+
+    async def _call(self, raw: bytes, env: Envelope, handler: Handler) -> None:
+        s = self.settings
+        timeout = s.timings.call_timeout
+        call = Call(
+            job_id=env.id,
+            attempt=env.attempt,
+            pool=s.pool,
+            slot=s.slot,
+            deadline=env.deadline,
+            timeout=timeout,
+        )
+        started_wall = time.time()
+        self.metrics.queue_wait.observe(max(0.0, started_wall - env.submitted_at))
+        self.metrics.attempts.observe(env.attempt)
+        self.metrics.busy.set(1)
+        self.call_started = started = time.monotonic()
+        failure: str | None = None
+        outcome = "ok"
+        result: Any = None
+        try:
+            result = await asyncio.wait_for(handler.run(env.payload, call), timeout)
+            json.dumps(result, allow_nan=False)
+        except TimeoutError:
+            failure = f"call timed out after {timeout:g} s"
+            outcome = "timeout"
+            if not handler.is_async:
+                self.exit_code = EXIT_OVERRUN
+        except (TypeError, ValueError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            busy = time.monotonic() - started
+            self.call_started = None
+            self.metrics.busy.set(0)
+            self.metrics.busy_seconds.inc(busy)
+        busy_ms = int(busy * 1000)
+
+        if failure is None:
+            self.metrics.outcome("ok")
+            await self._finish(
+                raw,
+                job_id=env.id,
+                reply_to=env.reply_to,
+                record=result_record(
+                    job_id=env.id,
+                    status=STATUS_OK,
+                    attempt=env.attempt,
+                    slot=s.slot,
+                    result=result,
+                    started_at=started_wall,
+                ),
+                counter="ok",
+                busy_ms=busy_ms,
+            )
+        elif env.attempt >= s.max_attempts:
+            self.metrics.outcome("dead" if outcome == "ok" else outcome)
+            await self._dead_letter(
+                raw,
+                f"attempt {env.attempt} of {s.max_attempts} failed: {failure}",
+                env=env,
+                busy_ms=busy_ms,
+            )
+        else:
+            self.metrics.outcome("retry" if outcome == "ok" else outcome)
+            log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, failure)
+            await self._requeue_job(raw, env.next_attempt().to_json(), front=False, counter="retried")
+        if self.exit_code == EXIT_OVERRUN:
+            log.error("a sync handler overran its timeout; exiting so its connection dies with us")
+            self.stop()
+
+    # -- health -----------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        t = self.timings
+        now = time.monotonic()
+        if now - self.last_tick > 3 * t.heartbeat_interval + 1.0:
+            return False, "heartbeat loop stalled"
+        started = self.call_started
+        if started is not None and now - started > t.call_timeout + t.health_grace:
+            return False, f"call running for {now - started:.1f} s, over its timeout"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.redis_ok:
+            return False, "redis unreachable"
+        if not self.lease_ok_for(0):
+            return False, "lease not held"
+        return True, "ok"
+
+    async def start_health_server(self) -> web.AppRunner:
+        async def probe(check: Callable[[], tuple[bool, str]]) -> web.Response:
+            ok, why = check()
+            return web.json_response(
+                {"ok": ok, "reason": why, "slot": self.settings.slot, "pool": self.settings.pool},
+                status=200 if ok else 503,
+            )
+
+        async def healthz(_: web.Request) -> web.Response:
+            return await probe(self.health)
+
+        async def readyz(_: web.Request) -> web.Response:
+            return await probe(self.readiness)
+
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.health_host, self.settings.health_port)
+        await site.start()
+        addresses = runner.addresses
+        self.health_port = int(addresses[0][1]) if addresses else None
+        return runner
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("slot %d: stopping", self.settings.slot)
+            self.stopping.set()
+            self._lease_changed.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        runner = await self.start_health_server()
+        log.info(
+            "slot %d of pool %r: health on %s:%s, handlers %s",
+            self.settings.slot,
+            self.settings.pool,
+            self.settings.health_host,
+            self.health_port,
+            ", ".join(h.spec for name, h in self.handlers.items() if name),
+        )
+        heartbeat = asyncio.create_task(self.heartbeat_loop(), name="heartbeat")
+        try:
+            await self.work_loop()
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            if self.lease_held:
+                try:
+                    await self._release(keys=[self.lease_key], args=[self.token])
+                    log.info("slot %d: lease released", self.settings.slot)
+                except RedisError as exc:
+                    log.warning("could not release the lease: %s", exc)
+            await close_http_session()
+            await runner.cleanup()
+            await self.ctl.aclose()
+            await self.work.aclose()
+        return self.exit_code
+
+
+def run_slot(settings: SlotSettings) -> int:
+    """Run a slot worker in this process until it stops; returns the exit code."""
+    worker = SlotWorker(settings)
+    code = asyncio.run(worker.run())
+    if code == EXIT_OVERRUN:
+        os._exit(code)  # a stuck handler thread would keep the interpreter alive
+    return code
