@@ -53,7 +53,9 @@ def _add_slot_options(p: argparse.ArgumentParser) -> None:
         help="'http', 'module:function' or 'name=module:function'; repeatable, first is default",
     )
     p.add_argument("--call-timeout", type=_positive, default=t.call_timeout, metavar="S")
-    p.add_argument("--heartbeat-interval", type=_positive, default=t.heartbeat_interval, metavar="S")
+    p.add_argument(
+        "--heartbeat-interval", type=_positive, default=t.heartbeat_interval, metavar="S"
+    )
     p.add_argument("--fence-margin", type=_positive, default=t.fence_margin, metavar="S")
     p.add_argument("--take-block", type=_positive, default=t.take_block, metavar="S")
     p.add_argument("--max-attempts", type=int, default=3, metavar="K")
@@ -207,7 +209,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     with redis.Redis.from_url(_need_redis(args), socket_timeout=5) as r:
         stats = read_stats(r, args.pool)
-        dead = [json.loads(x) for x in r.lrange(PoolKeys(args.pool).dead, 0, args.dead - 1)] if args.dead else []
+        dead = (
+            [json.loads(x) for x in r.lrange(PoolKeys(args.pool).dead, 0, args.dead - 1)]
+            if args.dead
+            else []
+        )
     if args.json:
         doc = stats.to_dict()
         if dead:

@@ -113,7 +113,9 @@ class Client:
 
     def _push(self, raws: list[str]) -> None:
         try:
-            answer = int(self._submit(keys=[self.keys.queue, self.keys.config, self.keys.stats], args=raws))
+            answer = int(
+                self._submit(keys=[self.keys.queue, self.keys.config, self.keys.stats], args=raws)
+            )
         except RedisError as exc:
             raise RedisUnavailable(f"submitting to pool {self.pool!r} failed: {exc}") from exc
         if answer < 0:
@@ -155,7 +157,8 @@ class Client:
             # Blocking rotation of a one-element list: reads without removing.
             block = min(left, max(self._socket_timeout - 1.0, 0.1))
             try:
-                raw = self._redis.blmove(key, key, block, "RIGHT", "RIGHT")
+                # a decimal timeout, which Redis >= 6 accepts (the stub says int)
+                raw = self._redis.blmove(key, key, block, "RIGHT", "RIGHT")  # type: ignore[arg-type]
             except RedisError as exc:
                 raise RedisUnavailable(f"waiting for job {job_id} failed: {exc}") from exc
             if raw is not None:

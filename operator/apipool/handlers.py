@@ -167,4 +167,3 @@ async def http_handler(payload: Any, call: Call) -> dict[str, Any]:
         if response.status == 429 or response.status >= 500:
             raise HttpCallError(f"HTTP {response.status} from {url}: {body[:200]}")
         return {"status": response.status, "headers": dict(response.headers), "body": body}
-

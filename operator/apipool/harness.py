@@ -84,6 +84,8 @@ class Scenario:
     seed: int | None = None
     log_dir: str | None = None
     ready_timeout: float = 30.0
+    api_limit: int = 0
+    """The stand-in's limit; 0: slots. Set it below slots to see the checks catch an overrun."""
 
     @property
     def timings(self) -> Timings:
@@ -121,6 +123,8 @@ class Snapshot:
 @dataclass
 class ScenarioResult:
     slots: int
+    limit: int
+    """The stand-in API's connection limit."""
     duration: float
     call_ms: float
     chaos: bool
@@ -159,6 +163,14 @@ class ScenarioResult:
         if not timeline:
             doc.pop("timeline")
         return doc
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    submitted: int
+    counts: dict[str, int]
+    """Jobs by result status (ok, expired, dead), plus lost and duplicated."""
+    dead_reasons: list[str]
 
 
 def _client(url: str) -> aioredis.Redis:
@@ -201,6 +213,9 @@ class _Run:
         # (monotonic time, slot, pid, busy) samples for recovery times
         self.samples: list[tuple[float, int, int | None, bool]] = []
         self.running = True
+
+    def is_running(self) -> bool:
+        return self.running
 
     # -- load --------------------------------------------------------------------
 
@@ -269,7 +284,9 @@ class _Run:
         if not live:
             return None
         busy = [i for i in live if self.busy.get(i)]
-        pool = busy if busy and self.rng.random() < (self.s.chaos or ChaosPlan()).prefer_busy else live
+        pool = (
+            busy if busy and self.rng.random() < (self.s.chaos or ChaosPlan()).prefer_busy else live
+        )
         slot = self.rng.choice(pool)
         return slot, pids[slot]
 
@@ -287,9 +304,12 @@ class _Run:
             for at, seconds in plan.redis_outages:
                 later.add(asyncio.create_task(self._redis_fault(redis_server, at, seconds)))
         try:
-            while self.running and plan.interval > 0:
+            while self.running:
+                if plan.interval <= 0:  # Redis faults only
+                    await asyncio.sleep(0.1)
+                    continue
                 await asyncio.sleep(self.rng.expovariate(1.0 / plan.interval))
-                if not self.running:
+                if not self.is_running():
                     break
                 picked = self._victim()
                 if picked is None:
@@ -376,7 +396,7 @@ class _Run:
             await asyncio.sleep(0.1)
         return max(left, 0)
 
-    async def outcomes(self) -> dict[str, Any]:
+    async def outcomes(self) -> Outcomes:
         counts = {"ok": 0, "expired": 0, "dead": 0, "lost": 0, "duplicated": 0}
         ids = self.accepted + self.uncertain
         certain = len(self.accepted)
@@ -402,9 +422,7 @@ class _Run:
                 counts[doc["status"]] = counts.get(doc["status"], 0) + 1
                 if doc["status"] == "dead" and len(reasons) < 20:
                     reasons.append(str(doc.get("error")))
-        counts["submitted"] = len(self.accepted)
-        counts["reasons"] = reasons
-        return counts
+        return Outcomes(submitted=len(self.accepted), counts=counts, dead_reasons=reasons)
 
     def snapshot(self, last_ok: int, dt: float) -> Snapshot:
         st = self.api.stats(include_samples=False)
@@ -442,7 +460,7 @@ async def run_scenario(
     redis_url = scenario.redis_url or (server.url if server else "")
     tmp = None if scenario.log_dir else tempfile.TemporaryDirectory(prefix="apipool-run-")
     log_dir = scenario.log_dir or (tmp.name if tmp else "")
-    api = StandInApi(scenario.slots, default_ms=scenario.call_ms)
+    api = StandInApi(scenario.api_limit or scenario.slots, default_ms=scenario.call_ms)
     await api.start()
     run = _Run(scenario, redis_url, api, log_dir)
     sup_task = asyncio.create_task(run.supervisor.run(install_signals=False))
@@ -466,7 +484,7 @@ async def run_scenario(
         await asyncio.gather(*tasks, return_exceptions=True)
         run.release_stopped()
         unfinished = await run.drain()
-        counts = await run.outcomes()
+        outcomes = await run.outcomes()
         kills, detection, hang = run.recovery()
     finally:
         run.running = False
@@ -485,6 +503,7 @@ async def run_scenario(
     n, window = scenario.slots, measured.elapsed_seconds
     return ScenarioResult(
         slots=n,
+        limit=measured.limit,
         duration=window,
         call_ms=scenario.call_ms,
         chaos=chaos is not None,
@@ -495,12 +514,12 @@ async def run_scenario(
         utilization=measured.utilisation,
         goodput=measured.useful_seconds / (n * window) if n and window else 0.0,
         api_calls_ok=measured.ok_total,
-        submitted=counts["submitted"],
-        completed=counts["ok"],
-        expired=counts["expired"],
-        dead=counts["dead"],
-        lost=counts["lost"],
-        duplicated=counts["duplicated"],
+        submitted=outcomes.submitted,
+        completed=outcomes.counts["ok"],
+        expired=outcomes.counts["expired"],
+        dead=outcomes.counts["dead"],
+        lost=outcomes.counts["lost"],
+        duplicated=outcomes.counts["duplicated"],
         unfinished=unfinished,
         restarts=run.supervisor.restarts,
         faults=run.faults,
@@ -508,5 +527,5 @@ async def run_scenario(
         hang_detection=detection,
         hang_recovery=hang,
         timeline=measured.samples,
-        dead_reasons=counts["reasons"],
+        dead_reasons=outcomes.dead_reasons,
     )

@@ -20,6 +20,7 @@ Life of a slot (see layout.py for the keys and atomic steps):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -167,7 +168,9 @@ class SlotWorker:
         self.lease_held = False
         self.lease_valid_until = 0.0
         self.metrics.lease_losses.inc()
-        log.warning("slot %d: lease lost (%s); not calling until it is back", self.settings.slot, why)
+        log.warning(
+            "slot %d: lease lost (%s); not calling until it is back", self.settings.slot, why
+        )
 
     async def heartbeat_loop(self) -> None:
         interval = self.timings.heartbeat_interval
@@ -183,10 +186,8 @@ class SlotWorker:
 
     async def _wait_lease_change(self, timeout: float) -> None:
         self._lease_changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._lease_changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     # -- redis writes that must happen ------------------------------------------
 
@@ -258,7 +259,9 @@ class SlotWorker:
             ),
         )
 
-    async def _requeue_job(self, raw: bytes, new_raw: str | bytes, *, front: bool, counter: str) -> bool:
+    async def _requeue_job(
+        self, raw: bytes, new_raw: str | bytes, *, front: bool, counter: str
+    ) -> bool:
         done = await self._persist(
             "requeueing a job",
             lambda: self._requeue(
@@ -267,6 +270,20 @@ class SlotWorker:
             ),
         )
         return bool(done)
+
+    # -- typed Redis reads (redis-py's stubs allow str replies; ours are bytes) --
+
+    async def _take(self) -> bytes | None:
+        """BLMOVE queue -> inflight:<i>; a decimal timeout, which Redis >= 6 accepts."""
+        timeout = self.timings.take_block
+        raw = await self.work.blmove(self.keys.queue, self.inflight_key, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        return cast(bytes | None, raw)
+
+    async def _inflight_items(self) -> list[bytes]:
+        return cast(list[bytes], await self.work.lrange(self.inflight_key, 0, -1))
+
+    async def _still_in_flight(self, raw: bytes) -> bool:
+        return await self.work.lpos(self.inflight_key, raw) is not None  # type: ignore[arg-type]
 
     # -- recovery ---------------------------------------------------------------
 
@@ -277,9 +294,7 @@ class SlotWorker:
         API, so it costs an attempt; otherwise taken by us but never started (a
         take whose reply was lost), so it goes back unchanged.
         """
-        items: list[bytes] = await self._persist(
-            "reading the in-flight list", lambda: self.work.lrange(self.inflight_key, 0, -1)
-        ) or []
+        items = await self._persist("reading the in-flight list", self._inflight_items) or []
         for raw in items:
             if not predecessor:
                 await self._requeue_job(raw, raw, front=True, counter="")
@@ -297,7 +312,9 @@ class SlotWorker:
                 )
             else:
                 log.info("recovered job %s left in flight (attempt %d)", env.id, env.attempt)
-                await self._requeue_job(raw, env.next_attempt().to_json(), front=True, counter="recovered")
+                await self._requeue_job(
+                    raw, env.next_attempt().to_json(), front=True, counter="recovered"
+                )
 
     # -- the work loop ----------------------------------------------------------
 
@@ -318,9 +335,7 @@ class SlotWorker:
                 await self.recover_inflight(predecessor=False)
                 stray = False
             try:
-                raw = await self.work.blmove(
-                    self.keys.queue, self.inflight_key, t.take_block, "RIGHT", "LEFT"
-                )
+                raw = await self._take()
             except RedisError as exc:
                 log.warning("take failed: %s", exc)
                 stray = True  # the move may have happened with its reply lost
@@ -382,7 +397,7 @@ class SlotWorker:
                 # The lease was lost and won again since the take: someone else
                 # may have recovered this job meanwhile. Call it only if still ours.
                 try:
-                    still_ours = await self.work.lpos(self.inflight_key, raw) is not None
+                    still_ours = await self._still_in_flight(raw)
                 except RedisError:
                     still_ours = False
                 if still_ours:
@@ -460,7 +475,9 @@ class SlotWorker:
         else:
             self.metrics.outcome("retry" if outcome == "ok" else outcome)
             log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, failure)
-            await self._requeue_job(raw, env.next_attempt().to_json(), front=False, counter="retried")
+            await self._requeue_job(
+                raw, env.next_attempt().to_json(), front=False, counter="retried"
+            )
         if self.exit_code == EXIT_OVERRUN:
             log.error("a sync handler overran its timeout; exiting so its connection dies with us")
             self.stop()
@@ -551,13 +568,14 @@ class SlotWorker:
             await runner.cleanup()
             await self.ctl.aclose()
             await self.work.aclose()
+        if self.exit_code == EXIT_OVERRUN:
+            # The stuck handler thread cannot be stopped and would keep the
+            # interpreter (and its connection to the API) alive: leave now.
+            logging.shutdown()
+            os._exit(EXIT_OVERRUN)
         return self.exit_code
 
 
 def run_slot(settings: SlotSettings) -> int:
     """Run a slot worker in this process until it stops; returns the exit code."""
-    worker = SlotWorker(settings)
-    code = asyncio.run(worker.run())
-    if code == EXIT_OVERRUN:
-        os._exit(code)  # a stuck handler thread would keep the interpreter alive
-    return code
+    return asyncio.run(SlotWorker(settings).run())

@@ -44,9 +44,11 @@ class PoolStats:
         return doc
 
 
-def write_pool_config(
-    r: redis.Redis, pool: str, *, slots: int, max_queue_length: int = 0
-) -> None:
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def write_pool_config(r: redis.Redis, pool: str, *, slots: int, max_queue_length: int = 0) -> None:
     """Publish N and the queue bound for producers and stats."""
     keys = PoolKeys(pool)
     try:
@@ -58,7 +60,7 @@ def write_pool_config(
 def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolStats:
     keys = PoolKeys(pool)
     try:
-        config = {k.decode(): v.decode() for k, v in r.hgetall(keys.config).items()}
+        config = {_text(k): _text(v) for k, v in r.hgetall(keys.config).items()}
         n = slots if slots is not None else int(config.get("slots", 0))
         pipe = r.pipeline(transaction=False)
         pipe.llen(keys.queue)
@@ -77,9 +79,9 @@ def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolSt
         inflight[i] = int(answers[3 + 2 * i])
         holder = answers[4 + 2 * i]
         if holder is not None:
-            leases[i] = holder.decode(errors="replace")
+            leases[i] = _text(holder)
     counters = {name: 0 for name in COUNTERS}
-    counters.update({k.decode(): int(float(v)) for k, v in raw_counters.items()})
+    counters.update({_text(k): int(float(v)) for k, v in raw_counters.items()})
     return PoolStats(
         pool=pool,
         slots=n,

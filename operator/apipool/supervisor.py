@@ -81,7 +81,7 @@ class SupervisorSettings:
 class SlotEvent:
     at: float  # time.monotonic()
     slot: int
-    kind: str  # started, exited, killed, stopped
+    kind: str  # started, healthy, exited, killed, stopped
     detail: str = ""
 
 
@@ -156,13 +156,16 @@ class Supervisor:
             cmd += ["--handler", spec]
         return cmd
 
+    def _log_file(self, slot: SlotProcess) -> IO[bytes] | None:
+        if not self.settings.log_dir:
+            return None  # inherit our stderr
+        os.makedirs(self.settings.log_dir, exist_ok=True)
+        return open(os.path.join(self.settings.log_dir, f"slot-{slot.index}.log"), "ab")
+
     async def _spawn(self, slot: SlotProcess) -> None:
         slot.port = free_port()
         env = dict(os.environ, APIPOOL_OWNER=self.owner)
-        out: IO[bytes] | None = None
-        if self.settings.log_dir:
-            os.makedirs(self.settings.log_dir, exist_ok=True)
-            out = open(os.path.join(self.settings.log_dir, f"slot-{slot.index}.log"), "ab")  # noqa: SIM115
+        out = self._log_file(slot)
         try:
             slot.proc = await asyncio.create_subprocess_exec(
                 *self._command(slot),
@@ -207,6 +210,12 @@ class Supervisor:
                     self._event(slot.index, "exited", detail)
                     return
                 if await self._probe(slot):
+                    if not slot.healthy:
+                        self._event(
+                            slot.index,
+                            "healthy",
+                            f"after {time.monotonic() - slot.started_at:.2f} s",
+                        )
                     slot.healthy = True
                     failing_since = None
                     continue
@@ -243,7 +252,9 @@ class Supervisor:
                 break
             lived = slot.last_exit - slot.started_at
             # Restart at once; back off only a slot that keeps dying right after its start.
-            backoff = 0.0 if lived > 5 else min(max(backoff * 2, 0.1), self.settings.restart_backoff_max)
+            backoff = (
+                0.0 if lived > 5 else min(max(backoff * 2, 0.1), self.settings.restart_backoff_max)
+            )
             if backoff:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), backoff)
@@ -288,4 +299,3 @@ class Supervisor:
             await asyncio.gather(*keepers, return_exceptions=True)
             await self._http.close()
         return 0
-

@@ -1,0 +1,184 @@
+"""What the benchmarks share: targets, percentiles, and a slot worker subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: holds ``bench/`` and ``operator/apipool/``."""
+
+Value = float | int | str
+"""A figure: a number, or a short text (the parameters of a run)."""
+Figures = dict[str, Value]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound a figure should meet: ``figure <op> value``."""
+
+    op: Literal[">=", "<="]
+    value: float
+
+    def met(self, figure: Value) -> bool | None:
+        """Whether ``figure`` meets the target (None: not a number)."""
+        if isinstance(figure, str) or (isinstance(figure, float) and math.isnan(figure)):
+            return None
+        return figure >= self.value if self.op == ">=" else figure <= self.value
+
+    def __str__(self) -> str:
+        return f"{'≥' if self.op == '>=' else '≤'} {self.value:g}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in [0, 100]; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50.0)
+
+
+def maximum(values: Sequence[float]) -> float:
+    return max(values) if values else math.nan
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child that must import both ``apipool`` and ``bench``."""
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "operator")]
+    inherited = os.environ.get("PYTHONPATH")
+    if inherited:
+        paths.append(inherited)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **extra)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.01) -> None:
+    """Poll ``check`` until it is true; raise TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not done within {timeout:g} s")
+        time.sleep(poll)
+
+
+class SlotSubprocess:
+    """``python -m apipool slot`` as a child process, stopped with SIGTERM on exit.
+
+    It gets ``--parent-pid`` so it also stops by itself if this process dies, and
+    logs (WARNING and up) to a temporary file shown when something goes wrong.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        pool: str,
+        handlers: Sequence[str],
+        *,
+        slot: int = 0,
+        call_timeout: float = 2.0,
+        heartbeat_interval: float = 0.5,
+    ) -> None:
+        self.cmd = [
+            sys.executable, "-m", "apipool", "--log-level", "WARNING", "slot",
+            "--redis-url", redis_url,
+            "--pool", pool,
+            "--slot", str(slot),
+            "--call-timeout", str(call_timeout),
+            "--heartbeat-interval", str(heartbeat_interval),
+            "--health-port", "0",
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        for spec in handlers:
+            self.cmd += ["--handler", spec]
+        self.stop_timeout = call_timeout + 10.0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> SlotSubprocess:
+        self._log = tempfile.TemporaryFile(prefix="apipool-bench-slot-")
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=subprocess_env(APIPOOL_OWNER=f"bench-{os.getpid()}"),
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError with the slot's log when it has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"slot process exited with {self.proc.returncode}:\n{self.log()}")
+
+    def log(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> SlotSubprocess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def machine() -> dict[str, str | int | None]:
+    """Where the figures were measured."""
+    try:
+        redis_version = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        redis_version = "unknown"
+    try:
+        import redis
+
+        redis_py = str(redis.__version__)
+    except ImportError:  # pragma: no cover - redis is a dependency
+        redis_py = "unknown"
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "redis_server": redis_version,
+        "redis_py": redis_py,
+    }

@@ -1,0 +1,260 @@
+"""Slot overhead: one slot with a no-op handler vs bare redis-py loops doing the same Redis work.
+
+Everything runs on one throwaway redis-server, side by side, in rounds (slot,
+bare asyncio loop, bare sync loop, slot with a sync handler). Per round and per
+contender, K envelopes are built beforehand in a staging list, which one
+``RENAME`` turns into the queue; the clock starts right before it.
+
+- ``slot``: ``python -m apipool slot`` (subprocess) with ``bench.handlers:noop``
+  (async). Completion is watched by polling the pool's ``ok`` counter; the clock
+  stops at the ``finished_at`` of the last job's result record (jobs are FIFO;
+  the slot stamps it right before that job's COMPLETE).
+- ``slot_sync``: the same with ``bench.handlers:noop_sync`` (run in a thread).
+- ``bare_async``: ``redis.asyncio`` with the slot's client settings; per job
+  ``BLMOVE queue inflight RIGHT LEFT`` and the ``COMPLETE_SCRIPT`` EVALSHA with
+  the arguments a slot passes (result key, result record, TTL, ``ok``, busy ms,
+  no dead entry). Result keys and records are precomputed, so the loop is
+  nothing but the two round trips. The clock stops after the last COMPLETE.
+- ``bare_sync``: the same loop with sync ``redis.Redis``, for reference.
+
+``ratio`` = slot jobs/s ÷ bare_async jobs/s, each the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from apipool.envelope import STATUS_OK, Envelope, make_envelope, result_record
+from apipool.layout import COMPLETE_SCRIPT, PoolKeys
+from apipool.redis_server import RedisServer
+
+from .common import Figures, SlotSubprocess, Target, median, wait_until
+
+RESULT_TTL_MS = 3_600_000
+"""What a slot passes by default (``result_ttl`` 3600 s)."""
+TAKE_BLOCK = 0.5
+"""The slot's default ``take_block``."""
+WARMUP = 200
+"""Jobs each contender runs before the first measured round."""
+
+TARGETS = {"ratio": Target(">=", 0.7)}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """K staged jobs: their envelopes and what COMPLETE is passed for each."""
+
+    envelopes: list[Envelope]
+    raws: list[str]
+
+    @property
+    def last_id(self) -> str:
+        return self.envelopes[-1].id
+
+
+def stage(r: redis.Redis, keys: PoolKeys, k: int, serial: int) -> Batch:
+    """Put ``k`` fresh envelopes in the staging list, first one taken first."""
+    envelopes = [make_envelope({"i": serial + i}) for i in range(k)]
+    raws = [env.to_json() for env in envelopes]
+    staging = f"{keys.base}:staging"
+    r.delete(staging)
+    pipe = r.pipeline(transaction=False)
+    for first in range(0, k, 1000):
+        pipe.lpush(staging, *raws[first : first + 1000])  # LPUSH + take RIGHT: FIFO
+    pipe.execute()
+    return Batch(envelopes, raws)
+
+
+def release(r: redis.Redis, keys: PoolKeys) -> float:
+    """Turn the staging list into the queue in one step; return the start (wall clock)."""
+    t0 = time.time()
+    r.rename(f"{keys.base}:staging", keys.queue)
+    return t0
+
+
+def complete_args(keys: PoolKeys, batch: Batch) -> dict[bytes, tuple[str, str]]:
+    """Per raw envelope: the result key and result record a slot would pass."""
+    now = time.time()
+    return {
+        raw.encode(): (
+            keys.result(env.id),
+            result_record(
+                job_id=env.id, status=STATUS_OK, attempt=env.attempt, slot=0, started_at=now
+            ),
+        )
+        for env, raw in zip(batch.envelopes, batch.raws, strict=True)
+    }
+
+
+class SlotContender:
+    """A slot subprocess serving its own pool."""
+
+    def __init__(self, r: redis.Redis, url: str, pool: str, handler: str) -> None:
+        self.r = r
+        self.keys = PoolKeys(pool)
+        self.slot = SlotSubprocess(url, pool, [handler])
+        self.done = 0
+        self.serial = 0
+
+    def start(self) -> None:
+        self.slot.start()
+        self.drain(WARMUP, timeout=30.0)  # also waits for the process to be up
+
+    def _ok(self) -> int:
+        self.slot.check_alive()
+        return int(self.r.hget(self.keys.stats, "ok") or 0)
+
+    def drain(self, k: int, timeout: float = 300.0) -> float:
+        """Let the slot run ``k`` jobs; return jobs/s."""
+        batch = stage(self.r, self.keys, k, self.serial)
+        self.serial += k
+        target = self.done + k
+        t0 = release(self.r, self.keys)
+        wait_until(lambda: self._ok() >= target, timeout, f"slot draining {k} jobs", poll=0.002)
+        self.done = target
+        record = self.r.lindex(self.keys.result(batch.last_id), 0)
+        if record is None:
+            raise RuntimeError(f"no result record for the last job {batch.last_id}")
+        return k / (float(json.loads(record)["finished_at"]) - t0)
+
+    def stop(self) -> None:
+        self.slot.stop()
+
+
+class BareAsync:
+    """BLMOVE + COMPLETE with ``redis.asyncio``, configured like the slot's client."""
+
+    def __init__(self, r: redis.Redis, url: str, pool: str) -> None:
+        self.r = r
+        self.url = url
+        self.keys = PoolKeys(pool)
+        self.serial = 0
+
+    def start(self) -> None:
+        self.drain(WARMUP)
+
+    def drain(self, k: int) -> float:
+        batch = stage(self.r, self.keys, k, self.serial)
+        self.serial += k
+        table = complete_args(self.keys, batch)
+        return k / asyncio.run(self._loop(k, table))
+
+    async def _loop(self, k: int, table: dict[bytes, tuple[str, str]]) -> float:
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=TAKE_BLOCK + 5.0,
+            socket_connect_timeout=2.0,
+            retry=AsyncRetry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        complete = client.register_script(COMPLETE_SCRIPT)
+        keys = self.keys
+        inflight = keys.inflight(0)
+        try:
+            await client.ping()  # connect before the clock starts
+            t0 = time.perf_counter()
+            release(self.r, keys)
+            for _ in range(k):
+                raw = await client.blmove(keys.queue, inflight, TAKE_BLOCK, "RIGHT", "LEFT")
+                if raw is None:
+                    raise RuntimeError("bare async loop: the queue ran dry early")
+                result_key, record = table[raw]
+                await complete(
+                    keys=[inflight, result_key, keys.stats, keys.dead],
+                    args=[raw, record, RESULT_TTL_MS, "ok", 0, ""],
+                )
+            return time.perf_counter() - t0
+        finally:
+            await client.aclose()
+
+
+class BareSync:
+    """BLMOVE + COMPLETE with sync ``redis.Redis``."""
+
+    def __init__(self, r: redis.Redis, url: str, pool: str) -> None:
+        self.r = r
+        self.keys = PoolKeys(pool)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=TAKE_BLOCK + 5.0, retry=Retry(NoBackoff(), 0)
+        )
+        self.complete = self.client.register_script(COMPLETE_SCRIPT)
+        self.serial = 0
+
+    def start(self) -> None:
+        self.drain(WARMUP)
+
+    def drain(self, k: int) -> float:
+        batch = stage(self.r, self.keys, k, self.serial)
+        self.serial += k
+        table = complete_args(self.keys, batch)
+        keys, client, complete = self.keys, self.client, self.complete
+        inflight = keys.inflight(0)
+        client.ping()
+        t0 = time.perf_counter()
+        release(self.r, keys)
+        for _ in range(k):
+            raw = client.blmove(keys.queue, inflight, TAKE_BLOCK, "RIGHT", "LEFT")
+            if raw is None:
+                raise RuntimeError("bare sync loop: the queue ran dry early")
+            result_key, record = table[raw]
+            complete(
+                keys=[inflight, result_key, keys.stats, keys.dead],
+                args=[raw, record, RESULT_TTL_MS, "ok", 0, ""],
+            )
+        return k / (time.perf_counter() - t0)
+
+    def stop(self) -> None:
+        self.client.close()
+
+
+def run(*, quick: bool = False, seed: int = 1) -> Figures:
+    k = 2000 if quick else 20000
+    rounds = 1 if quick else 3
+    rates: dict[str, list[float]] = {}
+    server = RedisServer()
+    server.start()
+    r = redis.Redis.from_url(server.url, socket_timeout=10.0)
+    slot = SlotContender(r, server.url, "bench-overhead-slot", "bench.handlers:noop")
+    slot_sync = SlotContender(r, server.url, "bench-overhead-sync", "bench.handlers:noop_sync")
+    bare_async = BareAsync(r, server.url, "bench-overhead-bare")
+    bare_sync = BareSync(r, server.url, "bench-overhead-bare-sync")
+    contenders: dict[str, tuple[Callable[[], None], Callable[[int], float]]] = {
+        "slot": (slot.start, slot.drain),
+        "bare_async": (bare_async.start, bare_async.drain),
+        "bare_sync": (bare_sync.start, bare_sync.drain),
+        "slot_sync": (slot_sync.start, slot_sync.drain),
+    }
+    try:
+        for start, _ in contenders.values():
+            start()
+        for _ in range(rounds):
+            for name, (_, drain) in contenders.items():
+                rates.setdefault(name, []).append(drain(k))
+    finally:
+        slot.stop()
+        slot_sync.stop()
+        bare_sync.stop()
+        r.close()
+        server.close()
+
+    best = {name: median(values) for name, values in rates.items()}
+    figures: Figures = {"jobs_per_round": k, "rounds": rounds}
+    for name, value in best.items():
+        figures[f"{name}_jobs_per_s"] = round(value, 1)
+        figures[f"{name}_us_per_job"] = round(1e6 / value, 1)
+    figures["ratio"] = round(best["slot"] / best["bare_async"], 3)
+    figures["ratio_vs_sync"] = round(best["slot"] / best["bare_sync"], 3)
+    figures["ratio_sync_handler"] = round(best["slot_sync"] / best["bare_async"], 3)
+    figures["rounds_slot_jobs_per_s"] = " ".join(f"{x:.0f}" for x in rates["slot"])
+    figures["rounds_bare_async_jobs_per_s"] = " ".join(f"{x:.0f}" for x in rates["bare_async"])
+    return figures
