@@ -110,7 +110,7 @@ class SlotSubprocess:
         self._log: IO[bytes] | None = None
 
     def start(self) -> SlotSubprocess:
-        self._log = tempfile.TemporaryFile(prefix="apipool-bench-slot-")
+        self._log = tempfile.TemporaryFile(prefix="apipool-bench-slot-")  # noqa: SIM115 - stop()
         self.proc = subprocess.Popen(
             self.cmd,
             env=subprocess_env(APIPOOL_OWNER=f"bench-{os.getpid()}"),

@@ -56,6 +56,9 @@ class StampingClient(Client):
         self.sent[job_id] = raw  # parsed only after the result is back
         return job_id, raw
 
+    def __enter__(self) -> StampingClient:
+        return self
+
     def submitted_at(self, job_id: str) -> float:
         return float(json.loads(self.sent.pop(job_id))["submitted_at"])
 

@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -42,8 +43,8 @@ from .common import Figures, SlotSubprocess, Target, median, wait_until
 
 RESULT_TTL_MS = 3_600_000
 """What a slot passes by default (``result_ttl`` 3600 s)."""
-TAKE_BLOCK = 0.5
-"""The slot's default ``take_block``."""
+TAKE_BLOCK: Any = 0.5
+"""The slot's default ``take_block`` (redis-py takes float seconds; its stubs say int)."""
 WARMUP = 200
 """Jobs each contender runs before the first measured round."""
 
@@ -168,7 +169,7 @@ class BareAsync:
                 raw = await client.blmove(keys.queue, inflight, TAKE_BLOCK, "RIGHT", "LEFT")
                 if raw is None:
                     raise RuntimeError("bare async loop: the queue ran dry early")
-                result_key, record = table[raw]
+                result_key, record = table[raw if isinstance(raw, bytes) else raw.encode()]
                 await complete(
                     keys=[inflight, result_key, keys.stats, keys.dead],
                     args=[raw, record, RESULT_TTL_MS, "ok", 0, ""],
@@ -206,7 +207,7 @@ class BareSync:
             raw = client.blmove(keys.queue, inflight, TAKE_BLOCK, "RIGHT", "LEFT")
             if raw is None:
                 raise RuntimeError("bare sync loop: the queue ran dry early")
-            result_key, record = table[raw]
+            result_key, record = table[raw if isinstance(raw, bytes) else raw.encode()]
             complete(
                 keys=[inflight, result_key, keys.stats, keys.dead],
                 args=[raw, record, RESULT_TTL_MS, "ok", 0, ""],

@@ -103,15 +103,27 @@ def make_envelope(
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a double
+        return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
 
 
 def _check_fields(env: Envelope) -> None:
-    if not isinstance(env.id, str) or not ID_PATTERN.match(env.id):
+    if not isinstance(env.id, str) or not ID_PATTERN.fullmatch(env.id):
         raise EnvelopeError("field 'id' must be 1-128 characters of A-Z a-z 0-9 . _ : -")
     if not _is_number(env.submitted_at) or env.submitted_at < 0:
         raise EnvelopeError("field 'submitted_at' must be a non-negative unix time in seconds")
@@ -133,8 +145,8 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BY
     if size > max_bytes:
         raise EnvelopeError(f"envelope of {size} bytes is over the limit of {max_bytes} bytes")
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise EnvelopeError(f"envelope must be a JSON object, not {type(doc).__name__}")
@@ -146,11 +158,14 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BY
         raise EnvelopeError(
             f"envelope has unknown field(s): {', '.join(unknown)} (put free data in 'meta')"
         )
+    attempt = doc["attempt"]
+    if isinstance(attempt, float) and attempt.is_integer():
+        attempt = int(attempt)  # JSON Schema counts 1.0 as an integer too
     env = Envelope(
         id=doc["id"],
         payload=doc["payload"],
         submitted_at=doc["submitted_at"],
-        attempt=doc["attempt"],
+        attempt=attempt,
         deadline=doc.get("deadline"),
         reply_to=doc.get("reply_to"),
         handler=doc.get("handler"),
@@ -168,7 +183,7 @@ def salvage_id(raw: str | bytes) -> str | None:
         return None
     if isinstance(doc, dict):
         job_id = doc.get("id")
-        if isinstance(job_id, str) and ID_PATTERN.match(job_id):
+        if isinstance(job_id, str) and ID_PATTERN.fullmatch(job_id):
             return job_id
     return None
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from .errors import ConfigError
 
@@ -126,7 +127,9 @@ async def close_http_session() -> None:
     _session = None
 
 
-def parse_http_request(payload: Any) -> tuple[str, str, dict[str, str], bytes | None, float | None]:
+def parse_http_request(
+    payload: Any,
+) -> tuple[str, str, CIMultiDict[str], bytes | None, float | None]:
     """Check an http payload: ``method``, ``url``, optional ``headers``, ``body``, ``timeout``."""
     if not isinstance(payload, Mapping):
         raise ValueError("http payload must be an object with 'method' and 'url'")
@@ -139,7 +142,7 @@ def parse_http_request(payload: Any) -> tuple[str, str, dict[str, str], bytes | 
     raw_headers = payload.get("headers") or {}
     if not isinstance(raw_headers, Mapping):
         raise ValueError("http payload: 'headers' must be an object")
-    headers = {str(k): str(v) for k, v in raw_headers.items()}
+    headers: CIMultiDict[str] = CIMultiDict((str(k), str(v)) for k, v in raw_headers.items())
     body = payload.get("body")
     data: bytes | None
     if body is None:
@@ -150,7 +153,9 @@ def parse_http_request(payload: Any) -> tuple[str, str, dict[str, str], bytes | 
         data = json.dumps(body).encode()
         headers.setdefault("Content-Type", "application/json")
     timeout = payload.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+    ):
         raise ValueError("http payload: 'timeout' must be a positive number of seconds")
     return method, url, headers, data, float(timeout) if timeout is not None else None
 

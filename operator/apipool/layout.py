@@ -26,8 +26,10 @@ Keys of pool ``P`` (the ``{P}`` hash tag keeps a pool on one Redis Cluster slot)
                                 (``PEXPIRE``). Waiters read it without removing it
                                 by ``BLMOVE key key RIGHT RIGHT timeout`` (a blocking
                                 rotation of a one-element list), so any number of
-                                readers, and a reader that retries, see it. A job
-                                may name another key in ``reply_to``.
+                                readers, and a reader that retries, see it.
+``apipool:{P}:reply:<name>``    LIST a job may name in ``reply_to`` instead of its
+                                result key (e.g. one list for a batch). Only keys
+                                under this prefix are accepted.
 ``apipool:{P}:dead``            LIST of dead-letter entries (JSON: id, reason,
                                 envelope, slot, attempt, failed_at), newest left.
 ``apipool:{P}:stats``           HASH of counters: ``submitted`` (by the submit
@@ -53,7 +55,8 @@ RELEASE    (script) delete the lease only while it still holds our token.
 COMPLETE   (script) remove the exact envelope from the slot's in-flight list and,
            only if it was there, write the result (with TTL), the dead-letter
            entry if any, and the counters. Whoever removes a job from in-flight
-           writes its one outcome, so a job never gets two.
+           writes its one outcome, so a job never gets two. Refuses, changing
+           nothing, when the result key holds something other than a list.
 REQUEUE    (script) remove the exact envelope from in-flight and, only if it was
            there, push a (possibly rewritten) envelope back to the queue.
 """
@@ -99,6 +102,10 @@ class PoolKeys:
 
     def result(self, job_id: str) -> str:
         return f"{self.base}:result:{job_id}"
+
+    @property
+    def reply_prefix(self) -> str:
+        return f"{self.base}:reply:"
 
     @property
     def inflight_pattern(self) -> str:
@@ -170,8 +177,15 @@ return 0
 # ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
 # ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
 # ARGV[6] dead-letter entry (JSON) or ''
-# returns 1 when the outcome was written, 0 when the job was no longer ours
+# returns 1 when the outcome was written, 0 when the job was no longer ours,
+#         -1 when the result key exists but is not a list (nothing changed)
 COMPLETE_SCRIPT = """
+if KEYS[2] ~= '' then
+  local kind = redis.call('TYPE', KEYS[2])['ok']
+  if kind ~= 'none' and kind ~= 'list' then
+    return -1
+  end
+end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
   return 0
 end

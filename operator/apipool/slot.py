@@ -28,6 +28,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -230,9 +231,34 @@ class SlotWorker:
                 args=[raw, record, ttl_ms, counter, busy_ms, dead_entry],
             ),
         )
+        if done == -1 and reply_to:
+            # The producer's reply_to key holds another type: answer at the
+            # default result key instead, as a dead letter that says why.
+            await self._finish(
+                raw,
+                job_id=job_id,
+                reply_to=None,
+                record=result_record(
+                    job_id=job_id or "",
+                    status=STATUS_DEAD,
+                    attempt=0,
+                    slot=self.settings.slot,
+                    error=f"reply_to key {reply_to!r} is not a list",
+                ),
+                counter="dead",
+                busy_ms=busy_ms,
+                dead_entry=dead_letter_entry(
+                    raw=raw.decode(errors="replace"),
+                    reason=f"reply_to key {reply_to!r} is not a list",
+                    slot=self.settings.slot,
+                    job_id=job_id,
+                    attempt=None,
+                ),
+            )
+            return False
         if done == 0:
             log.warning("job %s was no longer in flight here; outcome not written", job_id)
-        return bool(done)
+        return done == 1
 
     async def _dead_letter(
         self, raw: bytes, reason: str, *, env: Envelope | None, busy_ms: int = 0
@@ -301,7 +327,10 @@ class SlotWorker:
                 continue
             try:
                 env = parse_envelope(raw, max_bytes=self.settings.max_envelope_bytes)
-            except EnvelopeError as exc:
+                if env.reply_to is not None and not env.reply_to.startswith(self.keys.reply_prefix):
+                    raise EnvelopeError(f"reply_to must be a key under {self.keys.reply_prefix!r}")
+                retry = env.next_attempt().to_json()
+            except (EnvelopeError, ValueError) as exc:
                 await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
                 continue
             if env.attempt >= self.settings.max_attempts:
@@ -346,9 +375,18 @@ class SlotWorker:
             if self.stopping.is_set():
                 await self._requeue_job(raw, raw, front=True, counter="")
                 break
-            await self.process(raw, self.lease_epoch)
+            await self._process_guarded(raw, self.lease_epoch)
             if self.exit_code != EXIT_OK:
                 break
+
+    async def _process_guarded(self, raw: bytes, epoch: int) -> None:
+        """One bad job must never stop the slot (nor every slot after a restart)."""
+        try:
+            await self.process(raw, epoch)
+        except Exception as exc:  # a bug of ours or an input nobody foresaw
+            log.exception("internal error on a job; dead-lettering it")
+            self.metrics.outcome("dead")
+            await self._dead_letter(raw, f"internal error handling this job: {exc!r}", env=None)
 
     async def process(self, raw: bytes, epoch: int) -> None:
         s = self.settings
@@ -357,6 +395,14 @@ class SlotWorker:
         except EnvelopeError as exc:
             self.metrics.outcome("malformed")
             await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
+            return
+        if env.reply_to is not None and not env.reply_to.startswith(self.keys.reply_prefix):
+            self.metrics.outcome("malformed")
+            await self._dead_letter(
+                raw,
+                f"malformed envelope: reply_to must be a key under {self.keys.reply_prefix!r}",
+                env=replace(env, reply_to=None),
+            )
             return
         handler = self.handlers.get(env.handler or "")
         if handler is None:
