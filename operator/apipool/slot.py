@@ -341,9 +341,7 @@ class SlotWorker:
                 )
             else:
                 log.info("recovered job %s left in flight (attempt %d)", env.id, env.attempt)
-                await self._requeue_job(
-                    raw, env.next_attempt().to_json(), front=True, counter="recovered"
-                )
+                await self._requeue_job(raw, retry, front=True, counter="recovered")
 
     # -- the work loop ----------------------------------------------------------
 
