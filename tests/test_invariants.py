@@ -14,7 +14,7 @@ import pytest
 
 from apipool.harness import ChaosPlan, Scenario, ScenarioResult, run_scenario
 
-# Scenario defaults: call timeout 2 s, heartbeat 0.5 s (lease TTL 4.5 s),
+# Scenario defaults: call timeout 2 s, heartbeat 0.5 s, take block 0.5 s (lease TTL 5 s),
 # liveness window 2 s, probes every 0.25 s with a 0.5 s timeout.
 LIVENESS_WINDOW = 2.0
 HANG_DETECTION_BOUND = LIVENESS_WINDOW + 0.25 + 0.5 + 1.0  # window + probe period + timeout + slack

@@ -47,17 +47,25 @@ from .harness import FAULT_KINDS, ChaosPlan, Scenario, ScenarioResult, Snapshot,
 from .redis_server import RedisServer
 
 __all__ = [
+    "BAR_WIDTH",
+    "Interrupted",
+    "LiveView",
+    "RateMeter",
     "Verdict",
     "build_scenario",
     "chaos_interval",
     "concurrency_bar",
     "faults_by_kind",
+    "over_limit_text",
+    "progress_line",
+    "recovery_text",
     "render_panel",
     "render_summary",
     "result_doc",
     "run_demo",
     "summary_sections",
     "verdict",
+    "verdict_text",
 ]
 
 EXIT_OK = 0
@@ -75,6 +83,8 @@ RATE_WINDOW = 2.0
 PROGRESS_EVERY = 5.0
 """Seconds between progress lines on stderr when there is no live view."""
 BAR_WIDTH = 32
+PANEL_WIDTH = 76
+"""Fixed, so the panel does not change size between starting and running; fits 80 columns."""
 
 GOOD, WARN, BAD, DIM = "green", "yellow", "bold red", "grey50"
 
@@ -225,11 +235,13 @@ def render_panel(
     chaos: bool = False,
     call_ms: float = 100.0,
     status: RenderableType | None = None,
+    slots: int | None = None,
 ) -> Panel:
     """The live panel for the latest snapshot (``None``: still starting).
 
-    ``throughput`` defaults to the snapshot's own (one tick) figure; ``status``
-    is a line shown under the progress bar (starting, draining, done).
+    ``limit`` is the stand-in API's limit and ``slots`` the pool's size (default:
+    the limit). ``throughput`` defaults to the snapshot's own (one tick) figure;
+    ``status`` is a line shown under the progress bar (starting, draining, ...).
     """
     title = Text.assemble(("apipool demo", "bold"), (f" · stand-in API limit {limit}", DIM))
     subtitle = Text(
@@ -240,16 +252,15 @@ def render_panel(
         parts.append(Text(f"{'at the API':<13}", style=DIM) + concurrency_bar(0, limit))
     else:
         rate = snap.throughput if throughput is None else throughput
-        parts.append(
-            Text(f"{'at the API':<13}", style=DIM) + concurrency_bar(snap.active, snap.limit)
-        )
+        parts.append(Text(f"{'at the API':<13}", style=DIM) + concurrency_bar(snap.active, limit))
         parts.append(Text())
-        busy_style = GOOD if snap.busy_slots == snap.limit else WARN
+        pool = limit if slots is None else slots
+        busy_style = GOOD if snap.busy_slots >= pool else WARN
         parts.append(
             _stats_grid(
                 [
                     [
-                        ("peak", peak_text(snap.max_concurrency, snap.limit)),
+                        ("peak", peak_text(snap.max_concurrency, limit)),
                         ("over limit", over_limit_text(snap.over_limit_seconds)),
                         (
                             "utilization",
@@ -261,7 +272,7 @@ def render_panel(
                     ],
                     [
                         ("queued", Text(f"{snap.queued:,}")),
-                        ("busy slots", Text(f"{snap.busy_slots}/{snap.limit}", style=busy_style)),
+                        ("busy slots", Text(f"{snap.busy_slots}/{pool}", style=busy_style)),
                         ("throughput", Text(f"{rate:,.1f}/s")),
                     ],
                     [
@@ -294,7 +305,7 @@ def render_panel(
         subtitle=subtitle,
         box=box.ROUNDED,
         border_style="blue",
-        expand=False,
+        width=PANEL_WIDTH,
         padding=(1, 2),
     )
 
@@ -339,7 +350,8 @@ class LiveView:
         s = self.scenario
         return render_panel(
             self.snap,
-            limit=s.slots,
+            limit=s.api_limit or s.slots,
+            slots=s.slots,
             duration=s.duration,
             throughput=self.meter.rate,
             chaos=s.chaos is not None,
@@ -365,7 +377,7 @@ class Verdict:
 
 def verdict(result: ScenarioResult) -> Verdict:
     return Verdict(
-        cap_held=result.max_concurrency <= result.slots and result.over_limit_seconds == 0,
+        cap_held=result.max_concurrency <= result.limit and result.over_limit_seconds == 0,
         nothing_lost=result.lost == 0 and result.duplicated == 0 and result.unfinished == 0,
     )
 
@@ -375,11 +387,11 @@ def verdict_text(result: ScenarioResult) -> Text:
     v = verdict(result)
     text = Text()
     if v.cap_held:
-        text.append(f"✔ cap held (peak {result.max_concurrency}/{result.slots})", style=GOOD)
+        text.append(f"✔ cap held (peak {result.max_concurrency}/{result.limit})", style=GOOD)
     else:
         text.append(
-            f"✘ cap broken (peak {result.max_concurrency}/{result.slots}, "
-            f"{result.over_limit_seconds:.2f} s over the limit)",
+            f"✘ cap broken (peak {result.max_concurrency}/{result.limit}, "
+            f"{result.over_limit_seconds:.2f} s over)",
             style=BAD,
         )
     text.append("   ")
@@ -387,8 +399,8 @@ def verdict_text(result: ScenarioResult) -> Text:
         text.append(f"✔ nothing lost ({result.submitted:,} jobs accounted for)", style=GOOD)
     else:
         text.append(
-            f"✘ jobs lost: {result.lost} lost, {result.duplicated} duplicated, "
-            f"{result.unfinished} unfinished",
+            f"✘ lost {result.lost} · duplicated {result.duplicated} · "
+            f"unfinished {result.unfinished}",
             style=BAD,
         )
     return text
@@ -422,7 +434,7 @@ def summary_sections(result: ScenarioResult) -> list[tuple[str, list[Row]]]:
     """The summary as titled sections of rows, in display order."""
     r, v = result, verdict(result)
     cap = [
-        ("max concurrency", f"{r.max_concurrency} / limit {r.slots}", GOOD if v.cap_held else BAD),
+        ("max concurrency", f"{r.max_concurrency} / limit {r.limit}", GOOD if v.cap_held else BAD),
         (
             "over the limit",
             f"{r.over_limit_seconds:.2f} s"
@@ -469,10 +481,10 @@ def summary_sections(result: ScenarioResult) -> list[tuple[str, list[Row]]]:
             ("hang → busy again", recovery_text(r.hang_recovery), ""),
         ]
     return [
-        ("concurrency cap", cap),
-        ("use of the limit", use),
+        ("cap", cap),
+        ("usage", use),
         ("jobs", jobs),
-        ("faults and recovery", faults),
+        ("faults", faults),
     ]
 
 
@@ -480,7 +492,7 @@ def render_summary(result: ScenarioResult) -> Group:
     """The final summary table followed by the verdict line."""
     table = Table(
         title=Text(
-            f"apipool demo: {result.slots} slots against a limit of {result.slots}, "
+            f"apipool demo: {result.slots} slots against a limit of {result.limit}, "
             f"{result.duration:.1f} s{', chaos' if result.chaos else ''}",
             style="bold",
         ),
@@ -504,7 +516,7 @@ def result_doc(result: ScenarioResult) -> dict[str, Any]:
     """The ``--json`` document: ``ScenarioResult.to_dict()`` plus the verdict."""
     v = verdict(result)
     doc = result.to_dict()
-    doc["limit"] = result.slots
+    doc["limit"] = result.limit
     doc["cap_held"] = v.cap_held
     doc["nothing_lost"] = v.nothing_lost
     doc["faults_by_kind"] = faults_by_kind(result)
@@ -706,8 +718,8 @@ class _ProgressLines:
 def _run_plain(scenario: Scenario) -> ScenarioResult:
     print(
         f"apipool demo: {scenario.slots} slots against a stand-in API limited to "
-        f"{scenario.slots}, {scenario.duration:g} s{', chaos' if scenario.chaos else ''}; "
-        "starting",
+        f"{scenario.api_limit or scenario.slots}, {scenario.duration:g} s"
+        f"{', chaos' if scenario.chaos else ''}; starting",
         file=sys.stderr,
         flush=True,
     )
@@ -754,6 +766,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if as_json:
         print(json.dumps(result_doc(result), default=str), flush=True)
     else:
-        out.print()
+        if live:
+            out.print()
         out.print(render_summary(result))
     return EXIT_OK if verdict(result).ok else EXIT_FAILED

@@ -56,8 +56,9 @@ class Timings:
 
     @property
     def lease_ttl(self) -> float:
-        """Lease time to live: a renewed lease always leaves room for a full call."""
-        return self.call_timeout + self.fence_margin + 3 * self.heartbeat_interval
+        """Lease time to live: until the next renewal is due, a lease always leaves
+        room for a blocking take followed by a whole call (plus the margin)."""
+        return self.call_timeout + self.fence_margin + self.take_block + 3 * self.heartbeat_interval
 
     @property
     def shutdown_grace(self) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -582,6 +583,9 @@ class SlotWorker:
             log.info("slot %d: stopping", self.settings.slot)
             self.stopping.set()
             self._lease_changed.set()
+            # Every step of a stop is bounded; should one still hang, print all
+            # stacks and leave rather than outlive the grace period.
+            faulthandler.dump_traceback_later(self.timings.shutdown_grace + 5.0, exit=True)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -612,6 +616,7 @@ class SlotWorker:
             await runner.cleanup()
             await self.ctl.aclose()
             await self.work.aclose()
+        faulthandler.cancel_dump_traceback_later()  # stopped in time
         if self.exit_code == EXIT_OVERRUN:
             # The stuck handler thread cannot be stopped and would keep the
             # interpreter (and its connection to the API) alive: leave now.
