@@ -217,6 +217,14 @@ class _Run:
     def is_running(self) -> bool:
         return self.running
 
+    async def stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        # Loops check ``running`` too: a cancel that a client library turns into
+        # a RedisError is caught by the loop's retry, and must not restart it.
+        self.running = False
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- load --------------------------------------------------------------------
 
     def _payload(self) -> dict[str, Any]:
@@ -430,7 +438,7 @@ class _Run:
         return Snapshot(
             elapsed=elapsed,
             duration=self.s.duration,
-            limit=self.s.slots,
+            limit=st.limit,
             active=st.active,
             max_concurrency=st.max_concurrency,
             over_limit_seconds=st.over_limit_seconds,
@@ -445,6 +453,21 @@ class _Run:
         )
 
 
+async def _start_redis(stack: contextlib.AsyncExitStack, appendonly: bool) -> RedisServer:
+    """A throwaway redis-server, closed by ``stack`` even when the start is cancelled."""
+    server = RedisServer(appendonly=appendonly)
+    starting = asyncio.ensure_future(asyncio.to_thread(server.start))
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await starting  # a start still under way in its thread finishes first
+        await asyncio.to_thread(server.close)
+
+    stack.push_async_callback(close)
+    await asyncio.shield(starting)
+    return server
+
+
 async def run_scenario(
     scenario: Scenario,
     *,
@@ -453,19 +476,29 @@ async def run_scenario(
 ) -> ScenarioResult:
     """Run one scenario to its end and account for every job."""
     chaos = scenario.chaos
-    server: RedisServer | None = None
-    if scenario.redis_url is None:
-        server = RedisServer(appendonly=bool(chaos and chaos.touches_redis))
-        await asyncio.to_thread(server.start)
-    redis_url = scenario.redis_url or (server.url if server else "")
-    tmp = None if scenario.log_dir else tempfile.TemporaryDirectory(prefix="apipool-run-")
-    log_dir = scenario.log_dir or (tmp.name if tmp else "")
-    api = StandInApi(scenario.api_limit or scenario.slots, default_ms=scenario.call_ms)
-    await api.start()
-    run = _Run(scenario, redis_url, api, log_dir)
-    sup_task = asyncio.create_task(run.supervisor.run(install_signals=False))
-    tasks = [asyncio.create_task(run.produce()), asyncio.create_task(run.observe())]
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        server: RedisServer | None = None
+        if scenario.redis_url is None:
+            server = await _start_redis(stack, appendonly=bool(chaos and chaos.touches_redis))
+        redis_url = scenario.redis_url or (server.url if server else "")
+        log_dir = scenario.log_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="apipool-run-")
+        )
+        api = StandInApi(scenario.api_limit or scenario.slots, default_ms=scenario.call_ms)
+        await stack.enter_async_context(api)
+        run = _Run(scenario, redis_url, api, log_dir)
+        stack.push_async_callback(run.r.aclose)
+        sup_task = asyncio.create_task(run.supervisor.run(install_signals=False))
+
+        async def stop_supervisor() -> None:
+            run.release_stopped()
+            run.supervisor.stop()
+            await asyncio.gather(sup_task, return_exceptions=True)
+
+        stack.push_async_callback(stop_supervisor)
+        tasks = [asyncio.create_task(run.produce()), asyncio.create_task(run.observe())]
+        stack.push_async_callback(run.stop_tasks, tasks)
+
         await run.wait_ready()
         api.reset()
         run.t0 = time.monotonic()
@@ -486,20 +519,6 @@ async def run_scenario(
         unfinished = await run.drain()
         outcomes = await run.outcomes()
         kills, detection, hang = run.recovery()
-    finally:
-        run.running = False
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        run.release_stopped()
-        run.supervisor.stop()
-        await asyncio.gather(sup_task, return_exceptions=True)
-        await api.stop()
-        await run.r.aclose()
-        if server is not None:
-            await asyncio.to_thread(server.close)
-        if tmp is not None:
-            tmp.cleanup()
     n, window = scenario.slots, measured.elapsed_seconds
     return ScenarioResult(
         slots=n,
