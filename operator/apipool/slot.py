@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,7 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_OVERRUN = 3  # a sync handler overran its timeout; its thread cannot be stopped
+EXIT_STUCK = 4  # a stop did not finish within its bound
 
 
 def _client(url: str, timeout: float | None) -> aioredis.Redis:
@@ -104,6 +106,7 @@ class SlotWorker:
         self.stopping = asyncio.Event()
         self._lease_changed = asyncio.Event()
         self._waiting_logged = False
+        self._stuck_timer: asyncio.TimerHandle | None = None
 
         t = self.timings
         self.ctl = _client(settings.redis_url, t.heartbeat_interval)
@@ -583,14 +586,26 @@ class SlotWorker:
             log.info("slot %d: stopping", self.settings.slot)
             self.stopping.set()
             self._lease_changed.set()
-            # Every step of a stop is bounded; should one still hang, print all
-            # stacks and leave rather than outlive the grace period.
-            faulthandler.dump_traceback_later(self.timings.shutdown_grace + 5.0, exit=True)
+            # Every step of a stop is bounded; should one still hang, print what
+            # every task waits for and leave rather than outlive the grace period
+            # (faulthandler covers a blocked event loop).
+            grace = self.timings.shutdown_grace
+            self._stuck_timer = asyncio.get_running_loop().call_later(
+                grace + 5.0, self._stuck_at_stop
+            )
+            faulthandler.dump_traceback_later(grace + 10.0, exit=True)
+
+    def _stuck_at_stop(self) -> None:
+        log.error("slot %d: still not stopped; dumping tasks and exiting", self.settings.slot)
+        dump_tasks()
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         runner = await self.start_health_server()
         log.info(
             "slot %d of pool %r: health on %s:%s, handlers %s",
@@ -617,12 +632,22 @@ class SlotWorker:
             await self.ctl.aclose()
             await self.work.aclose()
         faulthandler.cancel_dump_traceback_later()  # stopped in time
+        if self._stuck_timer is not None:
+            self._stuck_timer.cancel()
         if self.exit_code == EXIT_OVERRUN:
             # The stuck handler thread cannot be stopped and would keep the
             # interpreter (and its connection to the API) alive: leave now.
             logging.shutdown()
             os._exit(EXIT_OVERRUN)
         return self.exit_code
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: print the stack of every task to stderr (what is this slot waiting for?)."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def run_slot(settings: SlotSettings) -> int:
