@@ -15,14 +15,15 @@ rate per slot-minute is ``60 / (interval_s * slots)``; goodput under chaos
 depends on that rate and, for hangs, on the liveness window. A full run first runs
 the same pool without faults (``baseline``), so the cost of the faults shows.
 
-Recovery times, from the stand-in's timeline of open connections: after a kill
-(or, for a permanent stop, after the supervisor's kill that ends it), the first
-moment all N connections are open again, i.e. the replacement process's first
-call (N - 1 other slots are in a call about 97 % of the time, so this is exact
-to a few ms unless faults overlap). The harness's own ``kill_recovery`` counts
-until the slot's in-flight list is non-empty under a new pid, which the dead
-process's job still satisfies before the replacement has called anything; it is
-reported as ``respawn`` for what it is.
+Recovery times come from the stand-in's timeline of open connections: the time
+from the fault to the first moment, after the kill (for a permanent stop: after
+the supervisor's kill that ends it), at which all N connections are open again,
+i.e. the replacement process's first call. Each other slot is in a call about
+97 % of the time, so that moment comes within a few ms of the first call, unless
+faults overlap. The harness's own ``kill_recovery`` counts until the slot's
+in-flight list is non-empty under a new pid, which the dead process's job still
+satisfies before the replacement has called anything; it is reported as
+``respawn`` for what it is.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ def up(redis_url: str, pool: str, tmp_path: Path) -> Iterator[list[subprocess.Po
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+    # A slot left stopped (SIGSTOP) cannot notice that its supervisor is gone.
+    subprocess.run(["pkill", "-CONT", "-f", "--", f"--pool {pool} "], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", "--", f"--pool {pool} "], check=False)
 
 
 def start_up(
