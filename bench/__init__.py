@@ -1,8 +1,9 @@
 """Benchmarks of apipool: ``python -m bench [--quick] [NAME ...]``.
 
-Each benchmark is a module here with ``run(quick: bool) -> dict[str, Figure value]``
-and a ``TARGETS`` table; ``bench/__main__.py`` runs them, prints every figure
-with its target and writes ``bench/out/results.json``. Figures are printed, not
+Each benchmark is a module here with ``run(*, quick: bool, seed: int) -> Figures``
+(a dict of figure name to number or short text) and a ``TARGETS`` table;
+``bench/__main__.py`` runs them, prints every figure with its target and writes
+``bench/out/results.json``. Figures are printed, not
 asserted: a missed target does not fail the run. See docs/benchmarks.md.
 """
 

@@ -15,24 +15,17 @@ rate per slot-minute is ``60 / (interval_s * slots)``; goodput under chaos
 depends on that rate and, for hangs, on the liveness window. A full run first runs
 the same pool without faults (``baseline``), so the cost of the faults shows.
 
-Recovery times come from the stand-in's timeline of open connections: the time
-from the fault to the first moment, after the kill (for a permanent stop: after
-the supervisor's kill that ends it), at which all N connections are open again,
-i.e. the replacement process's first call. Each other slot is in a call about
-97 % of the time, so that moment comes within a few ms of the first call, unless
-faults overlap. The harness's own ``kill_recovery`` counts until the slot's
-in-flight list is non-empty under a new pid, which the dead process's job still
-satisfies before the replacement has called anything; it is reported as
-``respawn`` for what it is.
+Recovery times are the harness's: from the fault to the first call that the
+slot's replacement starts (read from the jobs' result records), and for a
+permanent stop also the time until the supervisor kills the frozen process.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import replace
 
-from apipool.harness import ChaosPlan, Scenario, ScenarioResult, run_scenario
+from apipool.harness import ChaosPlan, Scenario, run_scenario
 
 from .common import Figures, Target, maximum, median
 
@@ -56,39 +49,8 @@ TARGETS = {
 }
 
 
-SETTLE = 0.05
-"""Seconds after a kill before the count of open connections is looked at."""
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
-
-
-def first_full(timeline: Sequence[tuple[float, int]], after: float, n: int) -> float | None:
-    """The first time at or after ``after`` at which ``n`` connections are open."""
-    for at, active in timeline:
-        if at >= after and active >= n:
-            return at
-    return None
-
-
-def first_calls(r: ScenarioResult) -> tuple[list[float], list[float]]:
-    """Seconds from each kill, and from each permanent stop, to the replacement's first call."""
-    kills: list[float] = []
-    hangs: list[float] = []
-    stops = [f for f in r.faults if f.kind == "stop_long"]
-    aligned = len(stops) == len(r.hang_detection)  # the harness lists them in order
-    for fault in r.faults:
-        if fault.kind == "kill":
-            at = first_full(r.timeline, fault.at + SETTLE, r.slots)
-            if at is not None:
-                kills.append(at - fault.at)
-        elif fault.kind == "stop_long" and aligned:
-            killed = fault.at + r.hang_detection[stops.index(fault)]
-            at = first_full(r.timeline, killed + SETTLE, r.slots)
-            if at is not None:
-                hangs.append(at - fault.at)
-    return kills, hangs
 
 
 def run(*, quick: bool = False, seed: int = 1) -> Figures:
@@ -111,7 +73,6 @@ def run(*, quick: bool = False, seed: int = 1) -> Figures:
     for name, kinds in PLANS.items():
         scenario = replace(base, duration=duration, chaos=ChaosPlan(interval=interval, kinds=kinds))
         r = asyncio.run(run_scenario(scenario))
-        kills, hangs = first_calls(r)
         slot_minutes = r.slots * r.duration / 60.0
         counts = {kind: sum(1 for f in r.faults if f.kind == kind) for kind in kinds}
         figures.update(
@@ -130,13 +91,11 @@ def run(*, quick: bool = False, seed: int = 1) -> Figures:
             }
         )
         if name == "kill":
-            figures["kill_recovery_ms_median"] = _ms(median(kills))
-            figures["kill_recovery_ms_max"] = _ms(maximum(kills))
-            figures["kill_respawn_ms_median"] = _ms(median(r.kill_recovery))
+            figures["kill_recovery_ms_median"] = _ms(median(r.kill_recovery))
+            figures["kill_recovery_ms_max"] = _ms(maximum(r.kill_recovery))
         else:
             figures["hang_detection_ms_median"] = _ms(median(r.hang_detection))
             figures["hang_detection_ms_max"] = _ms(maximum(r.hang_detection))
-            figures["hang_recovery_ms_median"] = _ms(median(hangs))
-            figures["hang_recovery_ms_max"] = _ms(maximum(hangs))
-            figures["hang_respawn_ms_median"] = _ms(median(r.hang_recovery))
+            figures["hang_recovery_ms_median"] = _ms(median(r.hang_recovery))
+            figures["hang_recovery_ms_max"] = _ms(maximum(r.hang_recovery))
     return figures

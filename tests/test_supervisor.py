@@ -103,7 +103,7 @@ def test_hung_slot_is_killed_and_reaped_before_its_replacement_starts(
     took = time.monotonic() - stopped_at
     assert 1.0 <= took < 4.0, took
     text = log.read_text()
-    killed = text.index("slot 0 killed /healthz failing")
+    killed = text.index("slot 0 killed /healthz unanswered")
     assert text.index("slot 0 started", killed) > killed  # kill (and reap) first, then start
     assert subprocess.run(["kill", "-0", str(pid)], check=False).returncode != 0  # reaped
 

@@ -150,7 +150,7 @@ def peak_text(peak: int, limit: int) -> Text:
 
 
 def concurrency_bar(active: int, limit: int, width: int = BAR_WIDTH) -> Text:
-    """Connections open at the stand-in API against its limit, e.g. ``█████ █████ ░░░░░ 2/3``.
+    """Calls (or connections) at the stand-in API against its limit, e.g. ``██ ██ ░░ 2/3``.
 
     Small limits get one segment per slot; larger ones a continuous bar scaled to
     ``width`` cells. Connections over the limit are drawn in red after a ``┃`` mark.
@@ -181,6 +181,12 @@ def concurrency_bar(active: int, limit: int, width: int = BAR_WIDTH) -> Text:
     return bar
 
 
+def connections_text(active: int, peak: int, limit: int) -> Text:
+    """Open connections at the stand-in (what its limit counts), e.g. ``4 open · peak 4 / 4``."""
+    style = BAD if max(active, peak) > limit else DIM
+    return Text(f"{active} open · peak {peak} / limit {limit}", style=style)
+
+
 class RateMeter:
     """Calls per second over the last ``window`` seconds of (time, running total) points."""
 
@@ -202,7 +208,8 @@ def progress_line(snap: Snapshot, throughput: float) -> str:
     """One plain line of progress, for stderr when there is no live view."""
     return (
         f"apipool demo: {snap.elapsed:5.1f}/{snap.duration:g} s  "
-        f"active {snap.active}/{snap.limit}  peak {snap.max_concurrency}  "
+        f"in calls {snap.in_flight}/{snap.limit}  connections {snap.active}  "
+        f"peak {snap.max_concurrency}  "
         f"over limit {snap.over_limit_seconds:.2f} s  util {percent(snap.utilization)}  "
         f"{throughput:.1f} calls/s  ok {snap.ok_calls}  restarts {snap.restarts}  "
         f"faults {snap.faults}"
@@ -249,10 +256,15 @@ def render_panel(
     )
     parts: list[RenderableType] = []
     if snap is None:
-        parts.append(Text(f"{'at the API':<13}", style=DIM) + concurrency_bar(0, limit))
+        parts.append(Text(f"{'in calls':<13}", style=DIM) + concurrency_bar(0, limit))
+        parts.append(Text(f"{'connections':<13}", style=DIM) + connections_text(0, 0, limit))
     else:
         rate = snap.throughput if throughput is None else throughput
-        parts.append(Text(f"{'at the API':<13}", style=DIM) + concurrency_bar(snap.active, limit))
+        parts.append(Text(f"{'in calls':<13}", style=DIM) + concurrency_bar(snap.in_flight, limit))
+        parts.append(
+            Text(f"{'connections':<13}", style=DIM)
+            + connections_text(snap.active, snap.max_concurrency, limit)
+        )
         parts.append(Text())
         pool = limit if slots is None else slots
         busy_style = GOOD if snap.busy_slots >= pool else WARN

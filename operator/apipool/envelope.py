@@ -199,7 +199,8 @@ def result_record(
     started_at: float | None = None,
     finished_at: float | None = None,
 ) -> str:
-    """The JSON a waiter reads from the result key."""
+    """The JSON a waiter reads from the result key; TypeError or ValueError when
+    ``result`` is not JSON (an object, NaN, ...)."""
     doc: dict[str, Any] = {
         "id": job_id,
         "status": status,
@@ -210,7 +211,7 @@ def result_record(
         "started_at": started_at,
         "finished_at": time.time() if finished_at is None else finished_at,
     }
-    return json.dumps(doc, separators=(",", ":"), default=str)
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def dead_letter_entry(

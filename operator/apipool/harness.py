@@ -98,6 +98,7 @@ class Fault:
     kind: str
     slot: int
     pid: int
+    wall: float = 0.0  # time.time() of the fault
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class Snapshot:
     duration: float
     limit: int
     active: int
+    """Open connections at the stand-in (what its limit counts)."""
+    in_flight: int
+    """Calls being served at the stand-in right now."""
     max_concurrency: int
     over_limit_seconds: float
     utilization: float
@@ -129,11 +133,15 @@ class ScenarioResult:
     call_ms: float
     chaos: bool
     max_concurrency: int
+    """Peak of open connections at the stand-in: the figure the cap is about."""
+    max_in_flight: int
     over_limit_seconds: float
     over_limit_events: list[OverLimitEvent]
     rejected: int
     utilization: float
+    """Calls in flight at the API / (limit x duration)."""
     goodput: float
+    """The API's service time spent on successful calls / (slots x duration)."""
     api_calls_ok: int
     submitted: int
     completed: int
@@ -145,12 +153,13 @@ class ScenarioResult:
     restarts: int
     faults: list[Fault]
     kill_recovery: list[float]
-    """Seconds from a SIGKILL to its slot being busy again in a new process."""
+    """Seconds from a SIGKILL to the replacement's first successful call start."""
     hang_detection: list[float]
     """Seconds from a permanent SIGSTOP to the supervisor's SIGKILL."""
     hang_recovery: list[float]
-    """Seconds from a permanent SIGSTOP to its slot being busy again."""
-    timeline: list[tuple[float, int]] = field(default_factory=list)
+    """Seconds from a permanent SIGSTOP to the replacement's first successful call start."""
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)
+    """(seconds, open connections, calls in flight) at the stand-in, at every change."""
     dead_reasons: list[str] = field(default_factory=list)
 
     @property
@@ -210,8 +219,8 @@ class _Run:
         self.t0 = 0.0  # time.monotonic() at the start of measurement
         self.busy: dict[int, bool] = {}
         self.queued = 0
-        # (monotonic time, slot, pid, busy) samples for recovery times
-        self.samples: list[tuple[float, int, int | None, bool]] = []
+        # slot -> wall-clock start times of its successful calls (from results)
+        self.call_starts: dict[int, list[float]] = {}
         self.running = True
 
     def is_running(self) -> bool:
@@ -257,8 +266,6 @@ class _Run:
     async def observe(self) -> None:
         n = self.s.slots
         while self.running:
-            now = time.monotonic()
-            pids = self.supervisor.pids()
             try:
                 pipe = self.r.pipeline(transaction=False)
                 pipe.llen(self.keys.queue)
@@ -270,9 +277,7 @@ class _Run:
                 continue
             self.queued = int(answers[0])
             for i in range(n):
-                busy = bool(answers[1 + i])
-                self.busy[i] = busy
-                self.samples.append((now, i, pids.get(i), busy))
+                self.busy[i] = bool(answers[1 + i])
             await asyncio.sleep(0.05)
 
     async def wait_ready(self) -> None:
@@ -337,7 +342,7 @@ class _Run:
                             later.add(task)
                 except ProcessLookupError:
                     continue
-                self.faults.append(Fault(time.monotonic() - self.t0, kind, slot, pid))
+                self.faults.append(Fault(time.monotonic() - self.t0, kind, slot, pid, time.time()))
         finally:
             for task in later:
                 task.cancel()
@@ -345,11 +350,15 @@ class _Run:
 
     async def _redis_fault(self, server: RedisServer, at: float, outage: float) -> None:
         await asyncio.sleep(at)
-        self.faults.append(Fault(time.monotonic() - self.t0, "redis_down", -1, server.pid or 0))
+        self.faults.append(
+            Fault(time.monotonic() - self.t0, "redis_down", -1, server.pid or 0, time.time())
+        )
         await asyncio.to_thread(server.stop)
         await asyncio.sleep(outage)
         await asyncio.to_thread(server.start)
-        self.faults.append(Fault(time.monotonic() - self.t0, "redis_up", -1, server.pid or 0))
+        self.faults.append(
+            Fault(time.monotonic() - self.t0, "redis_up", -1, server.pid or 0, time.time())
+        )
 
     def release_stopped(self) -> None:
         for pid in list(self.stopped_pids):
@@ -359,11 +368,14 @@ class _Run:
 
     # -- recovery times ----------------------------------------------------------
 
-    def _busy_again(self, slot: int, old_pid: int, since: float) -> float | None:
-        for at, i, pid, busy in self.samples:
-            if at >= since and i == slot and busy and pid is not None and pid != old_pid:
-                return at - since
-        return None
+    def _first_call_after(self, slot: int, wall: float) -> float | None:
+        """Seconds from ``wall`` to the first successful call started on ``slot``.
+
+        After a SIGKILL or a permanent SIGSTOP the victim starts nothing more,
+        so that call is its replacement's.
+        """
+        later = [t for t in self.call_starts.get(slot, ()) if t > wall]
+        return min(later) - wall if later else None
 
     def recovery(self) -> tuple[list[float], list[float], list[float]]:
         kills: list[float] = []
@@ -371,16 +383,16 @@ class _Run:
         hang: list[float] = []
         killed = [e for e in self.supervisor.events if e.kind == "killed"]
         for fault in self.faults:
-            since = self.t0 + fault.at
             if fault.kind == "kill":
-                took = self._busy_again(fault.slot, fault.pid, since)
+                took = self._first_call_after(fault.slot, fault.wall)
                 if took is not None:
                     kills.append(took)
             elif fault.kind == "stop_long":
+                since = self.t0 + fault.at
                 hit = next((e for e in killed if e.slot == fault.slot and e.at >= since), None)
                 if hit is not None:
                     detection.append(hit.at - since)
-                took = self._busy_again(fault.slot, fault.pid, since)
+                took = self._first_call_after(fault.slot, fault.wall)
                 if took is not None:
                     hang.append(took)
         return kills, detection, hang
@@ -428,6 +440,8 @@ class _Run:
                     counts["duplicated"] += 1
                 doc = json.loads(raw)
                 counts[doc["status"]] = counts.get(doc["status"], 0) + 1
+                if doc.get("started_at") is not None:
+                    self.call_starts.setdefault(int(doc["slot"]), []).append(doc["started_at"])
                 if doc["status"] == "dead" and len(reasons) < 20:
                     reasons.append(str(doc.get("error")))
         return Outcomes(submitted=len(self.accepted), counts=counts, dead_reasons=reasons)
@@ -440,6 +454,7 @@ class _Run:
             duration=self.s.duration,
             limit=st.limit,
             active=st.active,
+            in_flight=st.in_flight,
             max_concurrency=st.max_concurrency,
             over_limit_seconds=st.over_limit_seconds,
             utilization=st.utilisation,
@@ -527,6 +542,7 @@ async def run_scenario(
         call_ms=scenario.call_ms,
         chaos=chaos is not None,
         max_concurrency=measured.max_concurrency,
+        max_in_flight=measured.max_in_flight,
         over_limit_seconds=measured.over_limit_seconds,
         over_limit_events=measured.over_limit_events,
         rejected=measured.rejected_total,

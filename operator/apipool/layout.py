@@ -57,8 +57,11 @@ COMPLETE   (script) remove the exact envelope from the slot's in-flight list and
            entry if any, and the counters. Whoever removes a job from in-flight
            writes its one outcome, so a job never gets two. Refuses, changing
            nothing, when the result key holds something other than a list.
+           Optionally ends with TAKE's move, without blocking: a busy slot
+           finishes one job and gets the next in one round trip.
 REQUEUE    (script) remove the exact envelope from in-flight and, only if it was
-           there, push a (possibly rewritten) envelope back to the queue.
+           there, push a (possibly rewritten) envelope back to the queue;
+           optionally take the next job as COMPLETE does.
 """
 
 from __future__ import annotations
@@ -173,21 +176,23 @@ end
 return 0
 """
 
-# KEYS[1] inflight, KEYS[2] result key, KEYS[3] stats, KEYS[4] dead
+# KEYS[1] inflight, KEYS[2] result key, KEYS[3] stats, KEYS[4] dead, KEYS[5] queue
 # ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
 # ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
-# ARGV[6] dead-letter entry (JSON) or ''
-# returns 1 when the outcome was written, 0 when the job was no longer ours,
-#         -1 when the result key exists but is not a list (nothing changed)
+# ARGV[6] dead-letter entry (JSON) or '', ARGV[7] '1': then take the next job
+# returns {code, next}: code 1 when the outcome was written, 0 when the job was
+#         no longer ours, -1 when the result key exists but is not a list
+#         (nothing changed); next: the next envelope, moved queue -> inflight
+#         (only when asked, code is 1 and the queue is not empty), else nil
 COMPLETE_SCRIPT = """
 if KEYS[2] ~= '' then
   local kind = redis.call('TYPE', KEYS[2])['ok']
   if kind ~= 'none' and kind ~= 'list' then
-    return -1
+    return {-1, false}
   end
 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
+  return {0, false}
 end
 if KEYS[2] ~= '' then
   redis.call('LPUSH', KEYS[2], ARGV[2])
@@ -200,16 +205,21 @@ redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBY', KEYS[3], 'busy_ms', ARGV[5])
 end
-return 1
+if ARGV[7] == '1' then
+  return {1, redis.call('LMOVE', KEYS[5], KEYS[1], 'RIGHT', 'LEFT')}
+end
+return {1, false}
 """
 
 # KEYS[1] inflight, KEYS[2] queue, KEYS[3] stats
 # ARGV[1] envelope exactly as taken, ARGV[2] envelope to queue,
-# ARGV[3] 'front' (RPUSH: taken next) or 'back' (LPUSH), ARGV[4] counter or ''
-# returns 1 when requeued, 0 when the job was no longer ours
+# ARGV[3] 'front' (RPUSH: taken next) or 'back' (LPUSH), ARGV[4] counter or '',
+# ARGV[5] '1': then take the next job
+# returns {code, next}: code 1 when requeued, 0 when the job was no longer ours;
+#         next as for COMPLETE
 REQUEUE_SCRIPT = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return 0
+  return {0, false}
 end
 if ARGV[3] == 'front' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -219,5 +229,8 @@ end
 if ARGV[4] ~= '' then
   redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 end
-return 1
+if ARGV[5] == '1' then
+  return {1, redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')}
+end
+return {1, false}
 """

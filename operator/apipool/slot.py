@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -107,6 +106,8 @@ class SlotWorker:
         self._lease_changed = asyncio.Event()
         self._waiting_logged = False
         self._stuck_timer: asyncio.TimerHandle | None = None
+        self._next: bytes | None = None  # taken along with the last outcome
+        self._maybe_stray = False  # a take or a script's reply may have been lost
 
         t = self.timings
         self.ctl = _client(settings.redis_url, t.heartbeat_interval)
@@ -207,6 +208,9 @@ class SlotWorker:
                 return await op()
             except RedisError as exc:
                 log.warning("%s failed (%s); retrying", what, exc)
+                # The script may have run with its reply lost, taking a job we
+                # do not know of: look at the in-flight list before the next take.
+                self._maybe_stray = True
             if self.stopping.is_set():
                 give_up_at = give_up_at or time.monotonic() + self.timings.shutdown_grace
                 if time.monotonic() > give_up_at:
@@ -225,16 +229,25 @@ class SlotWorker:
         counter: str,
         busy_ms: int = 0,
         dead_entry: str = "",
+        take_next: bool = False,
     ) -> bool:
         result_key = reply_to or (self.keys.result(job_id) if job_id else "")
         ttl_ms = int(self.settings.result_ttl * 1000)
-        done = await self._persist(
+        take = "1" if take_next and self._may_take_next() else ""
+        answer = await self._persist(
             f"completing job {job_id}",
             lambda: self._complete(
-                keys=[self.inflight_key, result_key, self.keys.stats, self.keys.dead],
-                args=[raw, record, ttl_ms, counter, busy_ms, dead_entry],
+                keys=[
+                    self.inflight_key,
+                    result_key,
+                    self.keys.stats,
+                    self.keys.dead,
+                    self.keys.queue,
+                ],
+                args=[raw, record, ttl_ms, counter, busy_ms, dead_entry, take],
             ),
         )
+        done = self._took(answer)
         if done == -1 and reply_to:
             # The producer's reply_to key holds another type: answer at the
             # default result key instead, as a dead letter that says why.
@@ -258,14 +271,39 @@ class SlotWorker:
                     job_id=job_id,
                     attempt=None,
                 ),
+                take_next=take_next,
             )
             return False
         if done == 0:
             log.warning("job %s was no longer in flight here; outcome not written", job_id)
         return done == 1
 
+    def _may_take_next(self) -> bool:
+        """Take the next job along with an outcome only while a call could start."""
+        t = self.timings
+        return (
+            not self.stopping.is_set()
+            and self.exit_code == EXIT_OK
+            and self.lease_ok_for(t.call_timeout + t.fence_margin + t.take_block)
+        )
+
+    def _took(self, answer: Any) -> int | None:
+        """Read a COMPLETE or REQUEUE answer ``[code, next]``; keep ``next``."""
+        if answer is None:
+            return None
+        code, nxt = answer
+        if nxt is not None:
+            self._next = nxt
+        return int(code)
+
     async def _dead_letter(
-        self, raw: bytes, reason: str, *, env: Envelope | None, busy_ms: int = 0
+        self,
+        raw: bytes,
+        reason: str,
+        *,
+        env: Envelope | None,
+        busy_ms: int = 0,
+        take_next: bool = False,
     ) -> None:
         job_id = env.id if env else salvage_id(raw)
         attempt = env.attempt if env else None
@@ -287,19 +325,27 @@ class SlotWorker:
             dead_entry=dead_letter_entry(
                 raw=text, reason=reason, slot=self.settings.slot, job_id=job_id, attempt=attempt
             ),
+            take_next=take_next,
         )
 
     async def _requeue_job(
-        self, raw: bytes, new_raw: str | bytes, *, front: bool, counter: str
+        self,
+        raw: bytes,
+        new_raw: str | bytes,
+        *,
+        front: bool,
+        counter: str,
+        take_next: bool = False,
     ) -> bool:
-        done = await self._persist(
+        take = "1" if take_next and self._may_take_next() else ""
+        answer = await self._persist(
             "requeueing a job",
             lambda: self._requeue(
                 keys=[self.inflight_key, self.keys.queue, self.keys.stats],
-                args=[raw, new_raw, "front" if front else "back", counter],
+                args=[raw, new_raw, "front" if front else "back", counter, take],
             ),
         )
-        return bool(done)
+        return self._took(answer) == 1
 
     # -- typed Redis reads (redis-py's stubs allow str replies; ours are bytes) --
 
@@ -357,29 +403,34 @@ class SlotWorker:
         if self.stopping.is_set():
             return
         await self.recover_inflight(predecessor=True)
-        stray = False
+        self._maybe_stray = False
         while not self.stopping.is_set():
-            if not self.lease_ok_for(call_budget + t.take_block):
-                await self._wait_lease_change(t.heartbeat_interval)
-                continue
-            if stray:
-                await self.recover_inflight(predecessor=False)
-                stray = False
-            try:
-                raw = await self._take()
-            except RedisError as exc:
-                log.warning("take failed: %s", exc)
-                stray = True  # the move may have happened with its reply lost
-                await asyncio.sleep(0.2)
-                continue
+            raw, self._next = self._next, None
             if raw is None:
-                continue
+                if not self.lease_ok_for(call_budget + t.take_block):
+                    await self._wait_lease_change(t.heartbeat_interval)
+                    continue
+                if self._maybe_stray:
+                    self._maybe_stray = False
+                    await self.recover_inflight(predecessor=False)
+                try:
+                    raw = await self._take()
+                except RedisError as exc:
+                    log.warning("take failed: %s", exc)
+                    self._maybe_stray = True  # the move may have happened with its reply lost
+                    await asyncio.sleep(0.2)
+                    continue
+                if raw is None:
+                    continue
             if self.stopping.is_set():
-                await self._requeue_job(raw, raw, front=True, counter="")
+                self._next = raw
                 break
             await self._process_guarded(raw, self.lease_epoch)
             if self.exit_code != EXIT_OK:
                 break
+        if self._next is not None:  # taken, never started: back to the front
+            await self._requeue_job(self._next, self._next, front=True, counter="")
+            self._next = None
 
     async def _process_guarded(self, raw: bytes, epoch: int) -> None:
         """One bad job must never stop the slot (nor every slot after a restart)."""
@@ -396,7 +447,7 @@ class SlotWorker:
             env = parse_envelope(raw, max_bytes=s.max_envelope_bytes)
         except EnvelopeError as exc:
             self.metrics.outcome("malformed")
-            await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
+            await self._dead_letter(raw, f"malformed envelope: {exc}", env=None, take_next=True)
             return
         if env.reply_to is not None and not env.reply_to.startswith(self.keys.reply_prefix):
             self.metrics.outcome("malformed")
@@ -404,6 +455,7 @@ class SlotWorker:
                 raw,
                 f"malformed envelope: reply_to must be a key under {self.keys.reply_prefix!r}",
                 env=replace(env, reply_to=None),
+                take_next=True,
             )
             return
         handler = self.handlers.get(env.handler or "")
@@ -411,7 +463,10 @@ class SlotWorker:
             known = ", ".join(sorted(name for name in self.handlers if name))
             self.metrics.outcome("dead")
             await self._dead_letter(
-                raw, f"unknown handler {env.handler!r}; this pool serves: {known}", env=env
+                raw,
+                f"unknown handler {env.handler!r}; this pool serves: {known}",
+                env=env,
+                take_next=True,
             )
             return
         if env.expired(time.time()):
@@ -428,6 +483,7 @@ class SlotWorker:
                     error="deadline passed before the call could start",
                 ),
                 counter="expired",
+                take_next=True,
             )
             return
         if not await self._fence(raw, epoch):
@@ -475,17 +531,23 @@ class SlotWorker:
         self.call_started = started = time.monotonic()
         failure: str | None = None
         outcome = "ok"
-        result: Any = None
+        record = ""
         try:
-            result = await asyncio.wait_for(handler.run(env.payload, call), timeout)
-            json.dumps(result, allow_nan=False)
+            async with asyncio.timeout(timeout):
+                result = await handler.run(env.payload, call)
+            record = result_record(
+                job_id=env.id,
+                status=STATUS_OK,
+                attempt=env.attempt,
+                slot=s.slot,
+                result=result,
+                started_at=started_wall,
+            )
         except TimeoutError:
             failure = f"call timed out after {timeout:g} s"
             outcome = "timeout"
             if not handler.is_async:
                 self.exit_code = EXIT_OVERRUN
-        except (TypeError, ValueError) as exc:
-            failure = f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
         finally:
@@ -501,16 +563,10 @@ class SlotWorker:
                 raw,
                 job_id=env.id,
                 reply_to=env.reply_to,
-                record=result_record(
-                    job_id=env.id,
-                    status=STATUS_OK,
-                    attempt=env.attempt,
-                    slot=s.slot,
-                    result=result,
-                    started_at=started_wall,
-                ),
+                record=record,
                 counter="ok",
                 busy_ms=busy_ms,
+                take_next=True,
             )
         elif env.attempt >= s.max_attempts:
             self.metrics.outcome("dead" if outcome == "ok" else outcome)
@@ -519,12 +575,13 @@ class SlotWorker:
                 f"attempt {env.attempt} of {s.max_attempts} failed: {failure}",
                 env=env,
                 busy_ms=busy_ms,
+                take_next=True,
             )
         else:
             self.metrics.outcome("retry" if outcome == "ok" else outcome)
             log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, failure)
             await self._requeue_job(
-                raw, env.next_attempt().to_json(), front=False, counter="retried"
+                raw, env.next_attempt().to_json(), front=False, counter="retried", take_next=True
             )
         if self.exit_code == EXIT_OVERRUN:
             log.error("a sync handler overran its timeout; exiting so its connection dies with us")

@@ -5,14 +5,45 @@ fleet never goes over the limit. It is a minimal HTTP/1.1 server written
 directly on an :class:`asyncio.Protocol` (no web framework), so that it sees a
 connection open and close at the exact moment the event loop does.
 
-A request is *active* from the moment its request head has been read until the
-client closes the TCP connection (EOF or reset), not merely until the response
-is written: like a real API that counts connections, a client frozen mid-call
-(SIGSTOP) keeps its connection counted until it is killed. Every response says
-``Connection: close``; afterwards the server keeps reading (and discarding)
-until EOF or ``linger_timeout``. A connection is counted once, whatever the
-client sends on it later. A client that half-closes (``shutdown(SHUT_WR)``)
-counts as gone.
+Connections
+===========
+
+HTTP/1.1 persistent connections are supported, pipelining included. After a
+response the server keeps the connection open and reads the next request on it
+(bytes the client sent ahead are served in order, one request at a time),
+unless the request asked to close: ``Connection: close``, or HTTP/1.0 without
+``Connection: keep-alive``. A kept-alive response says ``Connection:
+keep-alive`` and ``Keep-Alive: timeout=<idle_timeout>``; the server closes a
+connection that has gone ``idle_timeout`` seconds without sending a whole
+request head (from its opening, or from the end of the last response). A
+response to a request that asked to close says ``Connection: close``; the
+server then reads and discards anything further until the client closes or
+``linger_timeout`` passes, and closes it then. A client that half-closes
+(``shutdown(SHUT_WR)``) counts as gone at once, even mid-request.
+
+Two counts
+==========
+
+*active* (``active``, ``max_concurrency``, the over-limit time and events)
+    open **connections**: a connection counts from its first request head
+    (``/stats`` aside) until it is closed, by the client (EOF or reset) or by
+    the server (idle or linger timeout, a malformed head, ``/stats``,
+    :meth:`StandInApi.stop`). This is what the limit is about: a kept-alive
+    connection sitting idle between calls still counts, and so does a client
+    frozen mid-call (SIGSTOP) until it is killed. Further requests on a
+    counted connection do not count it again.
+*in flight* (``in_flight``, ``max_in_flight``)
+    **requests** being served: from the moment a request head has been read
+    until its response is written. A 429 is answered as soon as its head is
+    read, so it never shows here.
+
+``busy_seconds`` is the integral over time of ``min(in_flight, limit)`` (the
+API's capacity doing work, not merely held), so ``utilisation`` is in-flight
+work / (``limit`` x elapsed). ``useful_seconds`` sums the actual service time
+(head read to response written, the stand-in's own timer lateness included)
+of the requests answered 200; ``nominal_seconds`` sums their ``ms / 1000``.
+A request still in flight at a :meth:`StandInApi.reset` is timed from the
+reset.
 
 Routes
 ======
@@ -21,13 +52,17 @@ Routes
                                ``{"ok": true, "ms": ms, "active": n}`` where
                                ``n`` is the active count on arrival.
 ``GET /stats``                 200 with :meth:`StandInApi.stats` as JSON
-                               (``?samples=0`` leaves out the timeline). Not
-                               counted and never limited.
+                               (``?samples=0`` leaves out the timeline), then
+                               the server closes the connection (which drops
+                               its count if it was counted). Not counted and
+                               never limited.
 anything else                  404.
 
-A request that arrives while the active count including it is over the limit
-gets ``429 {"error": "over limit", "active": n, "limit": L}`` at once. A
-malformed request head gets 400 and the connection is closed (not counted).
+A request that arrives while the active count (its own connection included)
+is over the limit gets ``429 {"error": "over limit", "active": n, "limit":
+L}`` at once; its body, if any, is skipped. 429, 404 and 400 (bad ``ms``)
+follow the keep-alive rules above. A malformed request head gets 400 and the
+server closes the connection (a head alone never counts it).
 """
 
 from __future__ import annotations
@@ -40,10 +75,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 from urllib.parse import parse_qs, urlsplit
 
 from apipool.errors import ConfigError
@@ -61,6 +96,8 @@ MAX_SAMPLES = 200_000
 
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 16 * 1024 * 1024
+_MAX_AHEAD = 1024 * 1024
+"""Bytes sent ahead (pipelined) buffered while a request is served before reading pauses."""
 _BACKLOG = 2048
 
 
@@ -78,25 +115,38 @@ class OverLimitEvent(TypedDict):
 
 @dataclasses.dataclass(frozen=True)
 class StandInStats:
-    """A consistent snapshot of the stand-in's counters."""
+    """A consistent snapshot of the stand-in's counters (since the start or last reset)."""
 
     limit: int
     started_at: float
     """Wall-clock time (``time.time()``) of the start or last reset."""
     elapsed_seconds: float
     active: int
+    """Open connections that have sent a request head."""
     max_concurrency: int
+    """Highest ``active``."""
+    in_flight: int
+    """Requests being served (head read, response not yet written)."""
+    max_in_flight: int
+    """Highest ``in_flight``."""
     over_limit_seconds: float
+    """Time during which ``active`` was over ``limit``."""
     over_limit_events: list[OverLimitEvent]
+    connections_total: int
+    """Connections counted (each once, at its first request head)."""
     requests_total: int
+    """Request heads counted (``/stats`` and malformed heads aside)."""
     ok_total: int
     rejected_total: int
+    """Requests answered 429."""
     busy_seconds: float
-    """Integral over time of ``min(active, limit)``: capacity in use."""
+    """Integral over time of ``min(in_flight, limit)``: capacity doing work."""
     useful_seconds: float
+    """Sum of the actual service times (head read to response written) of 200 answers."""
+    nominal_seconds: float
     """Sum of ``ms / 1000`` over requests answered 200."""
-    samples: list[tuple[float, int]]
-    """``(seconds since start, active)`` at every change, oldest first."""
+    samples: list[tuple[float, int, int]]
+    """``(seconds since start, active, in_flight)`` at every change, oldest first."""
 
     @property
     def utilisation(self) -> float:
@@ -118,6 +168,7 @@ class _Accounting:
         self.limit = limit
         self.lock = threading.Lock()
         self.active = 0
+        self.in_flight = 0
         self._reset_locked()
 
     def _reset_locked(self) -> None:
@@ -126,64 +177,87 @@ class _Accounting:
         self.wall0 = time.time()
         self.last = now
         self.max_concurrency = self.active
+        self.max_in_flight = self.in_flight
         self.over_limit_seconds = 0.0
         self.events: list[OverLimitEvent] = []
         if self.active > self.limit:
             self.events.append({"start": 0.0, "end": None, "peak": self.active})
+        self.connections_total = 0
         self.requests_total = 0
         self.ok_total = 0
         self.rejected_total = 0
         self.busy_seconds = 0.0
         self.useful_seconds = 0.0
-        self.samples: deque[tuple[float, int]] = deque(maxlen=MAX_SAMPLES)
-        self.samples.append((0.0, self.active))
+        self.nominal_seconds = 0.0
+        self.samples: deque[tuple[float, int, int]] = deque(maxlen=MAX_SAMPLES)
+        self.samples.append((0.0, self.active, self.in_flight))
 
     def _advance_locked(self, now: float) -> None:
         dt = now - self.last
         if dt > 0:
-            self.busy_seconds += dt * min(self.active, self.limit)
+            self.busy_seconds += dt * min(self.in_flight, self.limit)
             if self.active > self.limit:
                 self.over_limit_seconds += dt
             self.last = now
 
-    def enter(self) -> int:
-        """Count a new connection; return the active count including it."""
+    def _sample_locked(self, now: float) -> None:
+        self.samples.append((now - self.t0, self.active, self.in_flight))
+
+    def request(self, new_connection: bool) -> tuple[int, float | None]:
+        """Count a request head, and its connection if it is not counted yet.
+
+        Return the active count including it, and the time the request went in
+        flight, or ``None`` if it is over the limit (to be answered 429 at once).
+        """
         with self.lock:
             now = time.monotonic()
             self._advance_locked(now)
-            self.active += 1
             self.requests_total += 1
             n = self.active
-            self.max_concurrency = max(self.max_concurrency, n)
-            rel = now - self.t0
-            self.samples.append((rel, n))
+            if new_connection:
+                self.active = n = n + 1
+                self.connections_total += 1
+                self.max_concurrency = max(self.max_concurrency, n)
+                if n > self.limit:
+                    if self.events and self.events[-1]["end"] is None:
+                        event = self.events[-1]
+                        event["peak"] = max(event["peak"], n)
+                    else:
+                        self.events.append({"start": now - self.t0, "end": None, "peak": n})
             if n > self.limit:
-                if self.events and self.events[-1]["end"] is None:
-                    event = self.events[-1]
-                    event["peak"] = max(event["peak"], n)
-                else:
-                    self.events.append({"start": rel, "end": None, "peak": n})
-            return n
+                self.rejected_total += 1
+                if new_connection:
+                    self._sample_locked(now)
+                return n, None
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._sample_locked(now)
+            return n, now
 
-    def leave(self) -> None:
-        """Stop counting a connection the client closed."""
+    def done(self, started: float, status: int, ms: float) -> None:
+        """A request in flight since ``started`` is answered ``status``."""
         with self.lock:
             now = time.monotonic()
             self._advance_locked(now)
-            self.active -= 1
-            rel = now - self.t0
-            self.samples.append((rel, self.active))
-            if self.active <= self.limit and self.events and self.events[-1]["end"] is None:
-                self.events[-1]["end"] = rel
-
-    def answered(self, status: int, ms: float = 0.0) -> None:
-        """Record the outcome of a counted request."""
-        with self.lock:
+            self.in_flight -= 1
             if status == HTTPStatus.OK:
                 self.ok_total += 1
-                self.useful_seconds += ms / 1000.0
-            elif status == HTTPStatus.TOO_MANY_REQUESTS:
-                self.rejected_total += 1
+                self.useful_seconds += now - max(started, self.t0)
+                self.nominal_seconds += ms / 1000.0
+            self._sample_locked(now)
+
+    def leave(self, counted: bool, in_flight: bool) -> None:
+        """A connection is closed: uncount it and drop its request in flight, if any."""
+        with self.lock:
+            now = time.monotonic()
+            self._advance_locked(now)
+            if in_flight:
+                self.in_flight -= 1
+            if counted:
+                self.active -= 1
+                if self.active <= self.limit and self.events and self.events[-1]["end"] is None:
+                    self.events[-1]["end"] = now - self.t0
+            self._sample_locked(now)
 
     def reset(self) -> None:
         with self.lock:
@@ -199,25 +273,41 @@ class _Accounting:
                 elapsed_seconds=now - self.t0,
                 active=self.active,
                 max_concurrency=self.max_concurrency,
+                in_flight=self.in_flight,
+                max_in_flight=self.max_in_flight,
                 over_limit_seconds=self.over_limit_seconds,
                 over_limit_events=[OverLimitEvent(**e) for e in self.events],
+                connections_total=self.connections_total,
                 requests_total=self.requests_total,
                 ok_total=self.ok_total,
                 rejected_total=self.rejected_total,
                 busy_seconds=self.busy_seconds,
                 useful_seconds=self.useful_seconds,
+                nominal_seconds=self.nominal_seconds,
                 samples=list(self.samples) if include_samples else [],
             )
 
 
-def _response(status: int, payload: dict[str, Any]) -> bytes:
+def _seconds(value: float) -> str:
+    """``60.0`` -> ``"60"``, ``0.25`` -> ``"0.25"`` (millisecond precision)."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def _response(status: int, payload: dict[str, Any], keep_alive: float | None = None) -> bytes:
+    """A whole response; ``keep_alive`` is the idle timeout to announce, ``None`` to close."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     reason = HTTPStatus(status).phrase
+    if keep_alive is None:
+        connection = "Connection: close\r\n"
+    else:
+        connection = "Connection: keep-alive\r\n"
+        if math.isfinite(keep_alive):
+            connection += f"Keep-Alive: timeout={_seconds(keep_alive)}\r\n"
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{connection}\r\n"
     )
     return head.encode("ascii") + body
 
@@ -226,19 +316,35 @@ class _BadRequest(Exception):
     pass
 
 
+class _Head(NamedTuple):
+    method: str
+    target: str
+    length: int
+    keep_alive: bool
+
+
 class _Connection(asyncio.Protocol):
-    """One client connection; the HTTP parsing and the timers live here."""
+    """One client connection; the HTTP parsing and the timers live here.
+
+    States: ``head`` (waiting for a request head; the idle timer runs),
+    ``body`` (skipping the body of a request being served), ``work`` (its
+    timer runs; bytes sent ahead are buffered), ``linger`` (answered a request
+    that asked to close; anything further is discarded) and ``closed``.
+    """
 
     def __init__(self, api: StandInApi) -> None:
         self._api = api
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._state = "head"  # head -> body -> work -> linger -> closed
+        self._state = "head"
         self._counted = False
+        self._started: float | None = None  # when the request in flight went in flight
         self._arrival_active = 0
         self._method = ""
         self._target = ""
-        self._body_left = 0
+        self._keep_alive = True
+        self._skip = 0  # body bytes still to drop before the next request head
+        self._paused = False
         self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol -------------------------------------------------------
@@ -247,15 +353,20 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._api._connections.add(self)
+        self._arm(self._api.idle_timeout, self._idle_expired)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == "head":
-            self._buf += data
-            self._parse_head()
-        elif self._state == "body":
-            self._buf += data
-            self._maybe_body_done()
-        # work / linger / closed: anything further is read and discarded.
+        if self._state in ("linger", "closed"):
+            return  # read and discarded
+        self._buf += data
+        if self._state == "work":
+            # Sent ahead: served once the current response is written.
+            if len(self._buf) > _MAX_AHEAD and not self._paused:
+                assert self._transport is not None
+                self._transport.pause_reading()
+                self._paused = True
+            return
+        self._pump()
 
     def eof_received(self) -> bool:
         self._gone()
@@ -267,36 +378,60 @@ class _Connection(asyncio.Protocol):
 
     # request handling -------------------------------------------------------
 
-    def _parse_head(self) -> None:
+    def _pump(self) -> None:
+        """Serve what is buffered until a request has to wait (work) or more bytes are needed.
+
+        A loop rather than recursion, so that any number of requests sent ahead
+        in one go is served without growing the stack.
+        """
+        while self._state in ("head", "body"):
+            if self._skip:
+                n = min(self._skip, len(self._buf))
+                del self._buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return
+            if self._state == "body":
+                self._route()
+            elif not self._read_head():
+                return
+
+    def _read_head(self) -> bool:
+        """Handle one request head if a whole one is buffered; whether to go on."""
+        while self._buf.startswith(b"\r\n"):  # tolerated between requests (RFC 9112 2.2)
+            del self._buf[:2]
         end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > _MAX_HEAD:
+        if end < 0 or end > _MAX_HEAD:
+            if end > _MAX_HEAD or len(self._buf) > _MAX_HEAD:
                 self._reject_malformed("request head too large")
-            return
+            return False
         head = bytes(self._buf[:end])
         del self._buf[: end + 4]
         try:
-            self._method, self._target, self._body_left = self._parse(head)
+            parsed = self._parse(head)
         except _BadRequest as exc:
             self._reject_malformed(str(exc))
-            return
-        path = urlsplit(self._target).path
-        if path == "/stats":
+            return False
+        self._cancel_timer()  # a request: no longer idle
+        self._method, self._target, self._skip, self._keep_alive = parsed
+        if urlsplit(self._target).path == "/stats":
             self._answer_stats()
-            return
+            return False
+        n, started = self._api._acct.request(new_connection=not self._counted)
         self._counted = True
-        self._arrival_active = n = self._api._acct.enter()
-        if n > self._api.limit:
+        self._arrival_active = n
+        if started is None:
             self._reply(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 {"error": "over limit", "active": n, "limit": self._api.limit},
             )
-            return
+            return True
+        self._started = started
         self._state = "body"
-        self._maybe_body_done()
+        return True
 
     @staticmethod
-    def _parse(head: bytes) -> tuple[str, str, int]:
+    def _parse(head: bytes) -> _Head:
         try:
             text = head.decode("latin-1")
         except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes anything
@@ -311,6 +446,7 @@ class _Connection(asyncio.Protocol):
         ):
             raise _BadRequest("malformed request line")
         length = 0
+        options: set[str] = set()
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if not sep:
@@ -325,13 +461,15 @@ class _Connection(asyncio.Protocol):
                     raise _BadRequest("bad Content-Length")
             elif key == "transfer-encoding" and value.strip().lower() != "identity":
                 raise _BadRequest("Transfer-Encoding is not supported; send Content-Length")
-        return parts[0], parts[1], length
-
-    def _maybe_body_done(self) -> None:
-        if len(self._buf) < self._body_left:
-            return
-        self._buf.clear()
-        self._route()
+            elif key == "connection":
+                options.update(token.strip().lower() for token in value.split(","))
+        if "close" in options:
+            keep_alive = False
+        elif parts[2] == "HTTP/1.0":
+            keep_alive = "keep-alive" in options
+        else:
+            keep_alive = True
+        return _Head(parts[0], parts[1], length, keep_alive)
 
     def _route(self) -> None:
         url = urlsplit(self._target)
@@ -350,23 +488,40 @@ class _Connection(asyncio.Protocol):
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": "ms must be a number >= 0"})
                 return
         self._state = "work"
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(ms / 1000.0, self._work_done, ms)
+        self._arm(ms / 1000.0, self._work_done, ms)
 
     def _work_done(self, ms: float) -> None:
         self._timer = None
         if self._state != "work":
             return
         self._reply(HTTPStatus.OK, {"ok": True, "ms": ms, "active": self._arrival_active}, ms)
+        self._pump()
 
     def _reply(self, status: int, payload: dict[str, Any], ms: float = 0.0) -> None:
-        """Answer a counted request, then linger until the client closes."""
+        """Answer a counted request; then wait for the next one, or linger if asked to close."""
         assert self._transport is not None
-        self._api._acct.answered(status, ms)
-        self._transport.write(_response(status, payload))
-        self._state = "linger"
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._api.linger_timeout, self._linger_expired)
+        if self._started is not None:
+            self._api._acct.done(self._started, status, ms)
+            self._started = None
+        if self._keep_alive:
+            self._transport.write(_response(status, payload, self._api.idle_timeout))
+            self._state = "head"
+            self._arm(self._api.idle_timeout, self._idle_expired)
+            if self._paused:
+                self._paused = False
+                self._transport.resume_reading()
+        else:
+            self._transport.write(_response(status, payload))
+            self._state = "linger"
+            self._buf.clear()
+            self._arm(self._api.linger_timeout, self._linger_expired)
+            if self._paused:
+                self._paused = False
+                self._transport.resume_reading()  # to see the client close
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        self.abort()
 
     def _linger_expired(self) -> None:
         self._timer = None
@@ -378,24 +533,40 @@ class _Connection(asyncio.Protocol):
         include = query.get("samples", ["1"])[-1] not in ("0", "false", "no")
         payload = self._api.stats(include_samples=include).to_dict()
         self._transport.write(_response(HTTPStatus.OK, payload))
-        self._state = "closed"
-        self._transport.close()
+        self._close()
 
     def _reject_malformed(self, why: str) -> None:
         assert self._transport is not None
         self._transport.write(_response(HTTPStatus.BAD_REQUEST, {"error": why}))
-        self._state = "closed"
-        self._transport.close()
+        self._close()
 
-    def _gone(self) -> None:
-        """The connection is over: stop the timers and the count (once)."""
+    def _close(self) -> None:
+        """Close from the server side once the written bytes are flushed."""
+        assert self._transport is not None
+        self._cancel_timer()
         self._state = "closed"
+        self._buf.clear()
+        self._transport.close()  # connection_lost follows and uncounts it
+
+    def _arm(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback, *args)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._counted:
+
+    def _gone(self) -> None:
+        """The connection is over: stop the timer and the counts (once)."""
+        self._state = "closed"
+        self._buf.clear()
+        self._cancel_timer()
+        in_flight = self._started is not None
+        if self._counted or in_flight:
+            self._api._acct.leave(self._counted, in_flight)
             self._counted = False
-            self._api._acct.leave()
+            self._started = None
 
     def abort(self) -> None:
         """Close the connection now, from the server side."""
@@ -415,6 +586,7 @@ class StandInApi:
         port: int = 0,
         default_ms: float = 100.0,
         linger_timeout: float = 120.0,
+        idle_timeout: float = 60.0,
     ) -> None:
         if limit < 1:
             raise ConfigError(f"limit must be >= 1, got {limit}")
@@ -422,10 +594,13 @@ class StandInApi:
             raise ConfigError(f"default_ms must be >= 0, got {default_ms}")
         if not linger_timeout > 0:
             raise ConfigError(f"linger_timeout must be > 0, got {linger_timeout}")
+        if not idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be > 0, got {idle_timeout}")
         self.limit = limit
         self.host = host
         self.default_ms = float(default_ms)
         self.linger_timeout = float(linger_timeout)
+        self.idle_timeout = float(idle_timeout)
         self._requested_port = port
         self._acct = _Accounting(limit)
         self._server: asyncio.Server | None = None

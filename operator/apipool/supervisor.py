@@ -200,7 +200,7 @@ class Supervisor:
         assert slot.proc is not None
         proc = slot.proc
         exited = asyncio.ensure_future(proc.wait())
-        failing_since: float | None = None
+        last_ok = slot.started_at  # start of the last probe that succeeded
         try:
             while True:
                 done, _ = await asyncio.wait({exited}, timeout=s.probe_interval)
@@ -209,26 +209,26 @@ class Supervisor:
                     detail = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
                     self._event(slot.index, "exited", detail)
                     return
+                probe_started = time.monotonic()
                 if await self._probe(slot):
                     if not slot.healthy:
                         self._event(
-                            slot.index,
-                            "healthy",
-                            f"after {time.monotonic() - slot.started_at:.2f} s",
+                            slot.index, "healthy", f"after {probe_started - slot.started_at:.2f} s"
                         )
                     slot.healthy = True
-                    failing_since = None
+                    last_ok = probe_started
                     continue
-                now = time.monotonic()
-                if not slot.healthy:
-                    if now - slot.started_at < s.startup_timeout:
-                        continue
-                    why = f"not healthy {s.startup_timeout:g} s after start"
-                else:
-                    failing_since = failing_since or now
-                    if now - failing_since < s.liveness_window:
-                        continue
-                    why = f"/healthz failing for {now - failing_since:.1f} s"
+                # Unanswered since the last good probe: the liveness window
+                # counts from there, as a kubelet's failure threshold does.
+                silent = time.monotonic() - last_ok
+                limit = s.liveness_window if slot.healthy else s.startup_timeout
+                if silent < limit:
+                    continue
+                why = (
+                    f"/healthz unanswered for {silent:.1f} s"
+                    if slot.healthy
+                    else f"not healthy {s.startup_timeout:g} s after start"
+                )
                 slot.healthy = False
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -1,0 +1,160 @@
+"""Pure parts of the runtime: settings arithmetic, handler loading, health logic."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apipool.errors import ConfigError
+from apipool.handlers import load_handler, load_handlers, parse_http_request
+from apipool.layout import PoolKeys
+from apipool.settings import SlotSettings, Timings, check_pool_name
+from apipool.slot import SlotWorker
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "timings",
+    [
+        Timings(),
+        Timings(call_timeout=2, heartbeat_interval=0.2),
+        Timings(call_timeout=2, heartbeat_interval=0.2, take_block=0.5),
+        Timings(call_timeout=30, heartbeat_interval=5, fence_margin=2, take_block=1),
+    ],
+)
+def test_a_renewed_lease_leaves_room_for_a_take_and_a_whole_call(timings: Timings) -> None:
+    # Just before the next renewal is due the lease has lease_ttl - heartbeat
+    # left; a slot must still be allowed to take a job and call it then.
+    needed = timings.call_timeout + timings.fence_margin + timings.take_block
+    assert timings.lease_ttl - timings.heartbeat_interval > needed
+    assert timings.shutdown_grace > timings.call_timeout
+
+
+def test_timings_reject_non_positive_values() -> None:
+    with pytest.raises(ConfigError, match="call_timeout must be > 0"):
+        Timings(call_timeout=0)
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        Timings(heartbeat_interval=-1)
+
+
+@pytest.mark.parametrize("name", ["a", "billing", "api-pool-7"])
+def test_good_pool_names(name: str) -> None:
+    assert check_pool_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "Billing", "-x", "x-", "a_b", "a" * 64, "a:b", "{x}"])
+def test_bad_pool_names(name: str) -> None:
+    with pytest.raises(ConfigError, match="pool name"):
+        check_pool_name(name)
+
+
+def test_keys_share_one_cluster_hash_tag() -> None:
+    keys = PoolKeys("billing")
+    names = [keys.queue, keys.dead, keys.stats, keys.config, keys.inflight(3), keys.lease(3)]
+    names.append(keys.result("abc"))
+    assert all(name.startswith("apipool:{billing}:") for name in names)
+    assert len(set(names)) == len(names)
+
+
+def test_slot_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="max_attempts"):
+        SlotSettings(redis_url="redis://x", pool="p", slot=0, max_attempts=0)
+    with pytest.raises(ConfigError, match="must not contain '/'"):
+        SlotSettings(redis_url="redis://x", pool="p", slot=0, owner="a/b")
+    with pytest.raises(ConfigError, match="slot must be >= 0"):
+        SlotSettings(redis_url="redis://x", pool="p", slot=-1)
+
+
+def test_handlers_load_by_spec_and_name() -> None:
+    table = load_handlers(("tests.handlers:echo", "slow=tests.handlers:sleep", "http"))
+    assert table[""] is table["tests.handlers:echo"]
+    assert table["slow"].is_async
+    assert not table["tests.handlers:echo"].is_async
+    assert table["http"].is_async
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nothing", "expected 'http' or 'module:function'"),
+        ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
+        ("tests.handlers:missing", "has no attribute 'missing'"),
+        ("tests.handlers:time", "is not callable"),
+        ("=tests.handlers:echo", "expected name=module:function"),
+    ],
+)
+def test_bad_handler_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_handler(spec)
+
+
+def test_duplicate_handler_names_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="given twice"):
+        load_handlers(("x=tests.handlers:echo", "x=tests.handlers:sleep"))
+
+
+def test_http_payload_parsing() -> None:
+    method, url, headers, body, timeout = parse_http_request(
+        {"method": "post", "url": "http://127.0.0.1:1/x", "body": {"a": 1}, "timeout": 3}
+    )
+    assert (method, url, body, timeout) == ("POST", "http://127.0.0.1:1/x", b'{"a": 1}', 3.0)
+    assert headers["content-type"] == "application/json"
+    _, _, headers, _, _ = parse_http_request(
+        {"url": "http://h/", "headers": {"content-type": "text/plain"}, "body": {"a": 1}}
+    )
+    assert headers.getall("Content-Type") == ["text/plain"]  # not sent twice
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("GET http://x", "must be an object"),
+        ({"url": "ftp://x"}, "'url' must be an http"),
+        ({"url": "http://x", "method": "BREW"}, "unsupported method"),
+        ({"url": "http://x", "headers": []}, "'headers' must be an object"),
+        ({"url": "http://x", "timeout": 0}, "'timeout' must be a positive"),
+        ({"url": "http://x", "timeout": True}, "'timeout' must be a positive"),
+    ],
+)
+def test_bad_http_payloads(payload: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_http_request(payload)
+
+
+def make_worker() -> SlotWorker:
+    settings = SlotSettings(
+        redis_url="redis://127.0.0.1:1/0",
+        pool="p",
+        slot=0,
+        handlers=("tests.handlers:echo",),
+        timings=Timings(call_timeout=2, heartbeat_interval=0.5, health_grace=1),
+    )
+    return SlotWorker(settings)
+
+
+def test_health_fails_when_a_call_overruns_or_the_heartbeat_stalls() -> None:
+    worker = make_worker()
+    assert worker.health() == (True, "ok")
+    worker.call_started = time.monotonic() - 2.5  # within timeout + grace
+    assert worker.health()[0]
+    worker.call_started = time.monotonic() - 3.5
+    ok, why = worker.health()
+    assert not ok
+    assert "over its timeout" in why
+    worker.call_started = None
+    worker.last_tick = time.monotonic() - 10
+    assert worker.health() == (False, "heartbeat loop stalled")
+
+
+def test_readiness_needs_redis_and_a_valid_lease() -> None:
+    worker = make_worker()
+    assert worker.readiness() == (False, "redis unreachable")
+    worker.redis_ok = True
+    assert worker.readiness() == (False, "lease not held")
+    worker.lease_held = True
+    worker.lease_valid_until = time.monotonic() + 5
+    assert worker.readiness() == (True, "ok")
+    assert worker.lease_ok_for(4)
+    assert not worker.lease_ok_for(6)  # self-fencing: not enough lease for that
