@@ -832,3 +832,25 @@ def test_stand_in_thread_reports_a_busy_port() -> None:
         clash = StandInThread(1, port=api.port)
         with pytest.raises(OSError, match="address already in use"):
             clash.start()
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_useful_between_counts_the_part_of_each_call_inside_the_window() -> None:
+    async def scenario() -> None:
+        async with StandInApi(2) as api:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s,
+                s.get(f"{api.url}/work?ms=200") as response,
+            ):
+                await response.read()
+            st = api.stats(include_samples=False)
+            whole = api.useful_between(0.0, st.elapsed_seconds)
+            assert whole == pytest.approx(st.useful_seconds, abs=1e-6)
+            assert 0.2 <= whole < 0.3
+            (start, end) = api._acct.ok_spans[0]
+            half = api.useful_between(start, start + 0.1)
+            assert half == pytest.approx(0.1, abs=1e-6)
+            assert api.useful_between(end, end + 5) == 0.0
+
+    asyncio.run(scenario())

@@ -191,6 +191,8 @@ class _Accounting:
         self.nominal_seconds = 0.0
         self.samples: deque[tuple[float, int, int]] = deque(maxlen=MAX_SAMPLES)
         self.samples.append((0.0, self.active, self.in_flight))
+        # (start, end) of every 200 answer, seconds since t0, for exact windows
+        self.ok_spans: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
 
     def _advance_locked(self, now: float) -> None:
         dt = now - self.last
@@ -244,6 +246,7 @@ class _Accounting:
                 self.ok_total += 1
                 self.useful_seconds += now - max(started, self.t0)
                 self.nominal_seconds += ms / 1000.0
+                self.ok_spans.append((started - self.t0, now - self.t0))
             self._sample_locked(now)
 
     def leave(self, counted: bool, in_flight: bool) -> None:
@@ -262,6 +265,13 @@ class _Accounting:
     def reset(self) -> None:
         with self.lock:
             self._reset_locked()
+
+    def useful_between(self, start: float, end: float) -> float:
+        """Service time of 200 answers that falls within [start, end] (seconds
+        since t0), whenever those requests began or ended."""
+        with self.lock:
+            spans = list(self.ok_spans)
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans)
 
     def snapshot(self, include_samples: bool) -> StandInStats:
         with self.lock:
@@ -663,6 +673,12 @@ class StandInApi:
     def reset(self) -> None:
         """Zero the counters; connections open now stay counted. Thread-safe."""
         self._acct.reset()
+
+    def useful_between(self, start: float, end: float) -> float:
+        """Seconds of service of 200 answers inside [start, end] (seconds since the
+        start or last reset), counting calls that straddle either edge in part.
+        Read it after the calls have been answered. Thread-safe."""
+        return self._acct.useful_between(start, end)
 
 
 class StandInThread:
