@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--dead", type=_count, default=0, metavar="K",
                        help="also show the K newest dead letters")  # fmt: skip
 
+    sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator (settings from APIPOOL_* environment variables)",
+    )
+
     demo = sub.add_parser("demo", help="the local demo: a pool against a limited stand-in API")
     demo.add_argument("--duration", type=_positive, default=30.0, metavar="S")
     demo.add_argument("--slots", type=int, default=4, metavar="N")
@@ -239,7 +244,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from .operator.run import run_operator
+
+    return run_operator()
+
+
 COMMANDS = {
+    "operator": _cmd_operator,
     "up": _cmd_up,
     "slot": _cmd_slot,
     "submit": _cmd_submit,

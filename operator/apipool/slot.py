@@ -47,7 +47,6 @@ from .envelope import (
     dead_letter_entry,
     parse_envelope,
     result_record,
-    salvage_id,
 )
 from .errors import EnvelopeError
 from .handlers import Call, Handler, close_http_session, load_handlers
@@ -60,6 +59,7 @@ from .layout import (
     PoolKeys,
 )
 from .metrics import SlotMetrics
+from .recovery import DeadLetter, dead_letter, recover, reply_to_problem
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
@@ -305,26 +305,25 @@ class SlotWorker:
         busy_ms: int = 0,
         take_next: bool = False,
     ) -> None:
-        job_id = env.id if env else salvage_id(raw)
-        attempt = env.attempt if env else None
-        text = raw.decode(errors="replace")
-        log.warning("dead-lettering job %s: %s", job_id, reason)
+        await self._write_dead(
+            raw,
+            dead_letter(raw, reason, env=env, slot=self.settings.slot),
+            busy_ms=busy_ms,
+            take_next=take_next,
+        )
+
+    async def _write_dead(
+        self, raw: bytes, dead: DeadLetter, *, busy_ms: int = 0, take_next: bool = False
+    ) -> None:
+        log.warning("dead-lettering job %s: %s", dead.job_id, dead.reason)
         await self._finish(
             raw,
-            job_id=job_id,
-            reply_to=env.reply_to if env else None,
-            record=result_record(
-                job_id=job_id or "",
-                status=STATUS_DEAD,
-                attempt=attempt or 0,
-                slot=self.settings.slot,
-                error=reason,
-            ),
+            job_id=dead.job_id,
+            reply_to=dead.reply_to,
+            record=dead.record,
             counter="dead",
             busy_ms=busy_ms,
-            dead_entry=dead_letter_entry(
-                raw=text, reason=reason, slot=self.settings.slot, job_id=job_id, attempt=attempt
-            ),
+            dead_entry=dead.entry,
             take_next=take_next,
         )
 
@@ -375,23 +374,24 @@ class SlotWorker:
             if not predecessor:
                 await self._requeue_job(raw, raw, front=True, counter="")
                 continue
-            try:
-                env = parse_envelope(raw, max_bytes=self.settings.max_envelope_bytes)
-                if env.reply_to is not None and not env.reply_to.startswith(self.keys.reply_prefix):
-                    raise EnvelopeError(f"reply_to must be a key under {self.keys.reply_prefix!r}")
-                retry = env.next_attempt().to_json()
-            except (EnvelopeError, ValueError) as exc:
-                await self._dead_letter(raw, f"malformed envelope: {exc}", env=None)
-                continue
-            if env.attempt >= self.settings.max_attempts:
-                await self._dead_letter(
-                    raw,
-                    f"slot died during attempt {env.attempt} of {self.settings.max_attempts}",
-                    env=env,
+            s = self.settings
+            outcome = recover(
+                raw,
+                keys=self.keys,
+                slot=s.slot,
+                max_attempts=s.max_attempts,
+                max_bytes=s.max_envelope_bytes,
+                why="slot died",
+            )
+            if outcome.retry is not None and outcome.env is not None:
+                log.info(
+                    "recovered job %s left in flight (attempt %d)",
+                    outcome.env.id,
+                    outcome.env.attempt,
                 )
-            else:
-                log.info("recovered job %s left in flight (attempt %d)", env.id, env.attempt)
-                await self._requeue_job(raw, retry, front=True, counter="recovered")
+                await self._requeue_job(raw, outcome.retry, front=True, counter="recovered")
+            elif outcome.dead is not None:
+                await self._write_dead(raw, outcome.dead)
 
     # -- the work loop ----------------------------------------------------------
 
@@ -449,11 +449,12 @@ class SlotWorker:
             self.metrics.outcome("malformed")
             await self._dead_letter(raw, f"malformed envelope: {exc}", env=None, take_next=True)
             return
-        if env.reply_to is not None and not env.reply_to.startswith(self.keys.reply_prefix):
+        problem = reply_to_problem(env, self.keys)
+        if problem:
             self.metrics.outcome("malformed")
             await self._dead_letter(
                 raw,
-                f"malformed envelope: reply_to must be a key under {self.keys.reply_prefix!r}",
+                f"malformed envelope: {problem}",
                 env=replace(env, reply_to=None),
                 take_next=True,
             )

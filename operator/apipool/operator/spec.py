@@ -1,0 +1,204 @@
+"""The ApiConcurrencyPool spec, read and checked into a frozen dataclass (pure).
+
+The CRD's OpenAPI schema (crds/apiconcurrencypool.yaml) applies defaults and
+bounds in the API server; this module checks again what a schema cannot say
+(handler syntax, label-safe names) and gives clear messages, so that an invalid
+pool gets a status condition and an Event instead of broken pods.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..settings import POOL_NAME
+
+GROUP = "apipool.dev"
+VERSION = "v1alpha1"
+PLURAL = "apiconcurrencypools"
+KIND = "ApiConcurrencyPool"
+MAX_SLOTS = 1000
+
+HANDLER = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?:http|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
+TEMPLATE_KEYS = frozenset(
+    {
+        "resources",
+        "env",
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+        "serviceAccountName",
+        "priorityClassName",
+        "imagePullPolicy",
+        "imagePullSecrets",
+        "labels",
+        "annotations",
+    }
+)
+
+
+class InvalidSpec(ValueError):
+    """The pool's spec cannot be turned into slot pods; the message says why."""
+
+
+@dataclass(frozen=True)
+class Liveness:
+    period_seconds: int = 1
+    failure_threshold: int = 3
+    timeout_seconds: int = 1
+
+    @property
+    def window(self) -> int:
+        """Seconds of failing /healthz before the kubelet kills a hung slot."""
+        return self.period_seconds * self.failure_threshold
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    slots: int
+    image: str
+    handler: str
+    redis_secret: str
+    redis_secret_key: str = "url"
+    extra_handlers: tuple[str, ...] = ()
+    call_timeout_seconds: float = 10.0
+    heartbeat_interval_seconds: float = 1.0
+    max_attempts: int = 3
+    result_ttl_seconds: int = 3600
+    max_queue_length: int = 0
+    liveness: Liveness = field(default_factory=Liveness)
+    max_unavailable: int = 1
+    template: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        return (self.handler, *self.extra_handlers)
+
+
+def _get(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = doc.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise InvalidSpec(f"spec.{name} must be {_kind_name(kind)}, not {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "an object"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(name: str, value: float) -> float:
+    if value <= 0:
+        raise InvalidSpec(f"spec.{name} must be > 0, not {value}")
+    return value
+
+
+def _check_handler(where: str, spec: str) -> str:
+    if not HANDLER.match(spec):
+        raise InvalidSpec(
+            f"{where} {spec!r} is not a handler: use 'http', 'module:function' "
+            "or 'name=module:function'"
+        )
+    return spec
+
+
+def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
+    """Read ``spec`` of pool ``name``; raise InvalidSpec with a clear message."""
+    if not POOL_NAME.match(name) or len(name) > 50:
+        raise InvalidSpec(
+            f"pool name {name!r} must be a DNS label of at most 50 characters "
+            "(pods are named <pool>-slot-<i>)"
+        )
+    unknown = sorted(
+        set(spec)
+        - {
+            "slots",
+            "image",
+            "handler",
+            "extraHandlers",
+            "redis",
+            "callTimeoutSeconds",
+            "heartbeatIntervalSeconds",
+            "maxAttempts",
+            "resultTtlSeconds",
+            "maxQueueLength",
+            "liveness",
+            "maxUnavailable",
+            "template",
+        }
+    )
+    if unknown:
+        raise InvalidSpec(f"unknown field(s) in spec: {', '.join(unknown)}")
+    slots = _get(spec, "slots", int, None)
+    if slots is None:
+        raise InvalidSpec("spec.slots is required: the API's connection limit")
+    if not 0 <= slots <= MAX_SLOTS:
+        raise InvalidSpec(f"spec.slots must be between 0 and {MAX_SLOTS}, not {slots}")
+    image = _get(spec, "image", str, "")
+    if not image.strip():
+        raise InvalidSpec("spec.image is required")
+    handler = _check_handler("spec.handler", _get(spec, "handler", str, "http"))
+    extra = _get(spec, "extraHandlers", list, [])
+    extra_handlers = tuple(_check_handler("spec.extraHandlers item", str(h)) for h in extra)
+    redis = _get(spec, "redis", dict, {})
+    secret_ref = redis.get("secretRef") or {}
+    if not isinstance(secret_ref, dict) or not secret_ref.get("name"):
+        raise InvalidSpec("spec.redis.secretRef.name is required: a Secret holding the Redis URL")
+    liveness_doc = _get(spec, "liveness", dict, {})
+    liveness = Liveness(
+        period_seconds=int(
+            _positive("liveness.periodSeconds", liveness_doc.get("periodSeconds", 1))
+        ),
+        failure_threshold=int(
+            _positive("liveness.failureThreshold", liveness_doc.get("failureThreshold", 3))
+        ),
+        timeout_seconds=int(
+            _positive("liveness.timeoutSeconds", liveness_doc.get("timeoutSeconds", 1))
+        ),
+    )
+    template = _get(spec, "template", dict, {})
+    bad_keys = sorted(set(template) - TEMPLATE_KEYS)
+    if bad_keys:
+        raise InvalidSpec(
+            f"spec.template does not support: {', '.join(bad_keys)} "
+            f"(supported: {', '.join(sorted(TEMPLATE_KEYS))})"
+        )
+    max_attempts = _get(spec, "maxAttempts", int, 3)
+    if max_attempts < 1:
+        raise InvalidSpec(f"spec.maxAttempts must be >= 1, not {max_attempts}")
+    max_queue = _get(spec, "maxQueueLength", int, 0)
+    if max_queue < 0:
+        raise InvalidSpec(f"spec.maxQueueLength must be >= 0, not {max_queue}")
+    max_unavailable = _get(spec, "maxUnavailable", int, 1)
+    if max_unavailable < 1:
+        raise InvalidSpec(f"spec.maxUnavailable must be >= 1, not {max_unavailable}")
+    return PoolSpec(
+        slots=slots,
+        image=image,
+        handler=handler,
+        extra_handlers=extra_handlers,
+        redis_secret=str(secret_ref["name"]),
+        redis_secret_key=str(secret_ref.get("key") or "url"),
+        call_timeout_seconds=float(
+            _positive("callTimeoutSeconds", _get(spec, "callTimeoutSeconds", (int, float), 10.0))
+        ),
+        heartbeat_interval_seconds=float(
+            _positive(
+                "heartbeatIntervalSeconds",
+                _get(spec, "heartbeatIntervalSeconds", (int, float), 1.0),
+            )
+        ),
+        max_attempts=max_attempts,
+        result_ttl_seconds=int(
+            _positive("resultTtlSeconds", _get(spec, "resultTtlSeconds", int, 3600))
+        ),
+        max_queue_length=max_queue,
+        liveness=liveness,
+        max_unavailable=max_unavailable,
+        template=template,
+    )

@@ -1,0 +1,107 @@
+"""The pool's status: counts, utilization and conditions (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..stats import PoolStats
+from .planning import Action, ObservedPod
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the pool is degraded: a condition reason and a message."""
+
+    reason: str
+    message: str
+
+
+def condition(
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    now: str,
+    previous: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A condition; lastTransitionTime only moves when the status flips."""
+    text = "True" if status else "False"
+    before = next((c for c in previous if c.get("type") == kind), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == text else now
+    return {
+        "type": kind,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def build_status(
+    *,
+    slots: int,
+    selector: str,
+    pods: Sequence[ObservedPod],
+    template_hash: str,
+    actions: Sequence[Action],
+    stats: PoolStats | None,
+    utilization: float | None,
+    problem: Problem | None,
+    generation: int,
+    now: str,
+    previous: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    ready = sum(1 for p in pods if p.index < slots and p.ready and not p.terminating)
+    current = sum(
+        1
+        for p in pods
+        if p.index < slots and p.template_hash == template_hash and not p.terminating
+    )
+    settled = not actions and current == slots and len(pods) == slots
+    status: dict[str, Any] = {
+        "desiredSlots": slots,
+        "readySlots": ready,
+        "updatedSlots": current,
+        "selector": selector,
+        "observedGeneration": generation,
+    }
+    if stats is not None:
+        status.update(
+            busySlots=stats.busy,
+            queueDepth=stats.queued,
+            inFlight=sum(stats.inflight.values()),
+            deadLetters=stats.dead_letters,
+        )
+    if utilization is not None:
+        status["utilization"] = round(utilization, 4)
+
+    def cond(kind: str, value: bool, reason: str, message: str) -> dict[str, Any]:
+        return condition(
+            kind, value, reason, message, generation=generation, now=now, previous=previous
+        )
+
+    if problem is not None:
+        degraded = cond("Degraded", True, problem.reason, problem.message)
+    else:
+        degraded = cond("Degraded", False, "AsExpected", "no problem seen")
+    if ready == slots and problem is None:
+        ready_cond = cond("Ready", True, "AllSlotsReady", f"{ready}/{slots} slots ready")
+    else:
+        why = problem.reason if problem is not None else "SlotsNotReady"
+        ready_cond = cond("Ready", False, why, f"{ready}/{slots} slots ready")
+    if settled:
+        progressing = cond("Progressing", False, "Settled", "every slot is up to date")
+    else:
+        progressing = cond(
+            "Progressing",
+            True,
+            "Reconciling",
+            f"{current}/{slots} slots up to date, {len(actions)} action(s) pending",
+        )
+    status["conditions"] = [ready_cond, progressing, degraded]
+    return status

@@ -1,0 +1,135 @@
+"""Spec parsing and slot pod manifests, on plain dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apipool.operator.manifests import (
+    LABEL_HASH,
+    grace_period,
+    pod_name,
+    selector,
+    slot_index,
+    slot_pod,
+    template_hash,
+)
+from apipool.operator.spec import InvalidSpec, PoolSpec, parse_spec
+
+pytestmark = pytest.mark.unit
+
+SPEC: dict[str, Any] = {
+    "slots": 3,
+    "image": "ghcr.io/example/apipool:0.1.0",
+    "handler": "http",
+    "redis": {"secretRef": {"name": "redis", "key": "url"}},
+    "callTimeoutSeconds": 10,
+}
+
+
+def spec(**changes: Any) -> PoolSpec:
+    return parse_spec("billing", {**SPEC, **changes})
+
+
+def test_pod_has_stable_name_labels_and_probes() -> None:
+    pod = slot_pod(spec(), "billing", "ns", 2)
+    assert pod["metadata"]["name"] == "billing-slot-2"
+    labels = pod["metadata"]["labels"]
+    assert labels.items() >= selector("billing").items()
+    assert labels["apipool.dev/slot"] == "2"
+    container = pod["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    args = container["args"]
+    assert args[:5] == ["slot", "--pool", "billing", "--slot", "2"]
+    assert args[args.index("--handler") + 1] == "http"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["APIPOOL_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
+    assert env["APIPOOL_OWNER"]["value"] == "k8s-pod-$(APIPOOL_POD_UID)"
+
+
+def test_pod_is_hardened() -> None:
+    pod = slot_pod(spec(), "billing", "ns", 0)
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_grace_period_outlasts_the_call_timeout() -> None:
+    for timeout in (1, 10, 60):
+        s = spec(callTimeoutSeconds=timeout)
+        assert slot_pod(s, "billing", "ns", 0)["spec"]["terminationGracePeriodSeconds"] > timeout
+        assert grace_period(s) > timeout
+
+
+def test_template_hash_changes_with_the_template_not_with_the_index() -> None:
+    a = slot_pod(spec(), "billing", "ns", 0)["metadata"]["labels"][LABEL_HASH]
+    b = slot_pod(spec(), "billing", "ns", 5)["metadata"]["labels"][LABEL_HASH]
+    assert a == b == template_hash(spec(), "billing")
+    assert template_hash(spec(image="other:1"), "billing") != a
+    assert template_hash(spec(callTimeoutSeconds=5), "billing") != a
+    assert template_hash(spec(slots=7), "billing") == a  # scaling replaces nothing
+
+
+def test_template_overrides_reach_the_pod() -> None:
+    template = {
+        "resources": {"limits": {"cpu": "500m"}},
+        "env": [{"name": "X", "value": "1"}],
+        "nodeSelector": {"pool": "api"},
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+        "serviceAccountName": "slots",
+        "priorityClassName": "high",
+        "labels": {"team": "billing"},
+    }
+    pod = slot_pod(spec(template=template), "billing", "ns", 0)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"] == {"limits": {"cpu": "500m"}}
+    assert {"name": "X", "value": "1"} in container["env"]
+    for key in ("nodeSelector", "tolerations", "serviceAccountName", "priorityClassName"):
+        assert pod["spec"][key] == template[key]
+    assert pod["metadata"]["labels"]["team"] == "billing"
+
+
+def test_slot_index_reads_only_this_pools_names() -> None:
+    assert slot_index("billing", pod_name("billing", 12)) == 12
+    assert slot_index("billing", "billing-slot-x") is None
+    assert slot_index("billing", "billing-slot-01") is None
+    assert slot_index("billing", "billing-other-slot-1") is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"slots": None}, "spec.slots is required"),
+        ({"slots": -1}, "between 0 and 1000"),
+        ({"slots": True}, "must be an integer"),
+        ({"image": ""}, "spec.image is required"),
+        ({"handler": "not a handler"}, "is not a handler"),
+        ({"handler": "mod.fn"}, "is not a handler"),
+        ({"redis": {}}, "secretRef.name is required"),
+        ({"callTimeoutSeconds": 0}, "callTimeoutSeconds must be > 0"),
+        ({"maxAttempts": 0}, "maxAttempts must be >= 1"),
+        ({"maxUnavailable": 0}, "maxUnavailable must be >= 1"),
+        ({"template": {"hostNetwork": True}}, "does not support: hostNetwork"),
+        ({"colour": "red"}, "unknown field(s) in spec: colour"),
+    ],
+)
+def test_invalid_specs_say_why(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpec, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_spec("billing", {k: v for k, v in {**SPEC, **changes}.items() if v is not None})
+
+
+def test_pool_name_must_leave_room_for_pod_names() -> None:
+    with pytest.raises(InvalidSpec, match="DNS label"):
+        parse_spec("x" * 51, SPEC)
+    with pytest.raises(InvalidSpec, match="DNS label"):
+        parse_spec("Billing", SPEC)
+
+
+def test_good_handlers() -> None:
+    for handler in ("http", "billing.api:charge", "charge=billing.api:charge", "a.b.c:d.e"):
+        assert spec(handler=handler).handler == handler
