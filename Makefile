@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format demo bench e2e clean
+.PHONY: help venv test test-fast lint format demo bench image e2e clean
 
 help:
 	@echo "make demo   - local demo: pool of slots vs a connection-limited stand-in API"
 	@echo "make test   - the whole test suite (starts its own redis-server)"
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make bench  - benchmarks, figures printed"
+	@echo "make image  - build the container image (needs a container engine)"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
 
 $(STAMP): pyproject.toml
@@ -44,8 +45,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+IMAGE ?= apipool:dev
+
+image:
+	docker build -t $(IMAGE) .
+
 e2e: $(STAMP)
-	$(BIN)/python -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+	APIPOOL_E2E_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

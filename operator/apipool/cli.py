@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -115,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--dead", type=_count, default=0, metavar="K",
                        help="also show the K newest dead letters")  # fmt: skip
+
+    standin = sub.add_parser(
+        "standin", help="serve the stand-in API with a hard connection limit (for trials)"
+    )
+    standin.add_argument("--limit", type=int, required=True, metavar="N")
+    standin.add_argument("--host", default="127.0.0.1")
+    standin.add_argument("--port", type=_count, default=8080)
+    standin.add_argument("--ms", type=_positive, default=100.0, help="default call duration")
 
     sub.add_parser(
         "operator",
@@ -244,6 +253,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_standin(args: argparse.Namespace) -> int:
+    from .standin import StandInApi
+
+    async def serve() -> None:
+        api = StandInApi(args.limit, host=args.host, port=args.port, default_ms=args.ms)
+        async with api:
+            logging.getLogger("apipool.standin").info(
+                "stand-in API limited to %d connections on %s (GET /work?ms=, GET /stats)",
+                args.limit,
+                api.url,
+            )
+            await asyncio.Event().wait()  # until SIGTERM / Ctrl-C
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from .operator.run import run_operator
 
@@ -251,6 +278,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "standin": _cmd_standin,
     "operator": _cmd_operator,
     "up": _cmd_up,
     "slot": _cmd_slot,

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import kopf
 import kubernetes
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Histogram, start_http_server
 from redis.exceptions import RedisError
 
@@ -94,9 +94,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300  # re-list at least every 5 minutes
     settings.watching.client_timeout = 330
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     if SETTINGS.metrics_port:
         start_http_server(SETTINGS.metrics_port)
 
@@ -119,18 +119,21 @@ def observe_pods(namespace: str, pool: str) -> list[ObservedPod]:
         raise _api_error(f"listing the slot pods of {namespace}/{pool}", exc) from exc
     observed: list[ObservedPod] = []
     for pod in pods:
-        labels = pod.metadata.labels or {}
-        index = slot_index(pool, pod.metadata.name)
+        meta = pod.metadata
+        if meta is None or meta.name is None:
+            continue
+        labels = meta.labels or {}
+        index = slot_index(pool, meta.name)
         if index is None or labels.get(LABEL_POOL) != pool:
             continue  # not ours, whatever the API server's label filtering did
         observed.append(
             ObservedPod(
                 index=index,
-                name=pod.metadata.name,
+                name=meta.name,
                 template_hash=labels.get(LABEL_HASH, ""),
                 phase=(pod.status.phase if pod.status else None) or "Pending",
                 ready=_is_ready(pod),
-                terminating=pod.metadata.deletion_timestamp is not None,
+                terminating=meta.deletion_timestamp is not None,
             )
         )
     return sorted(observed, key=lambda p: p.index)
@@ -185,7 +188,8 @@ def apply(body: Mapping[str, Any], spec: PoolSpec, action: Create | Delete) -> N
         manifest = slot_pod(spec, pool, namespace, action.index)
         kopf.adopt(manifest, owner=_body(body))
         try:
-            _core().create_namespaced_pod(namespace, manifest)
+            # The client serialises plain dicts as they are; its types say V1Pod.
+            _core().create_namespaced_pod(namespace, cast(Any, manifest))
         except ApiException as exc:
             if exc.status == 409:
                 return  # already there: creates are idempotent on the stable name
@@ -358,7 +362,10 @@ def slot_pod_event(
     if not pool or not namespace:
         return
     try:
-        body = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, pool)
+        body = cast(
+            dict[str, Any],
+            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, pool),
+        )
     except ApiException as exc:
         if exc.status == 404:
             return  # the pool is gone; garbage collection removes its pods
