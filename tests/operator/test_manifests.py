@@ -130,6 +130,39 @@ def test_pool_name_must_leave_room_for_pod_names() -> None:
         parse_spec("Billing", SPEC)
 
 
+def test_template_env_may_not_set_the_operators_variables() -> None:
+    # A fixed APIPOOL_OWNER would let a new pod take a slot's lease from a live one.
+    for name in ("APIPOOL_OWNER", "APIPOOL_REDIS_URL", "APIPOOL_POD_UID"):
+        with pytest.raises(InvalidSpec, match=f"may not set {name}"):
+            spec(template={"env": [{"name": name, "value": "x"}]})
+
+
+def test_handler_names_must_be_unique() -> None:
+    with pytest.raises(InvalidSpec, match="given twice: http"):
+        spec(handler="http", extraHandlers=["http"])
+    with pytest.raises(InvalidSpec, match="given twice: a"):
+        spec(handler="a=m:f", extraHandlers=["a=m:g"])
+
+
+@pytest.mark.parametrize("handler", ["http\n", "môd:fn", "m:f ", " http"])
+def test_handlers_are_matched_whole_and_ascii(handler: str) -> None:
+    with pytest.raises(InvalidSpec, match="is not a handler"):
+        spec(handler=handler)
+
+
+@pytest.mark.parametrize(
+    ("liveness", "message"),
+    [
+        ({"periodSeconds": "2"}, "periodSeconds must be an integer >= 1"),
+        ({"failureThreshold": True}, "failureThreshold must be an integer >= 1"),
+        ({"timeoutSeconds": 1.5}, "timeoutSeconds must be an integer >= 1"),
+    ],
+)
+def test_liveness_values_are_checked(liveness: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpec, match=message):
+        spec(liveness=liveness)
+
+
 def test_good_handlers() -> None:
     for handler in ("http", "billing.api:charge", "charge=billing.api:charge", "a.b.c:d.e"):
         assert spec(handler=handler).handler == handler

@@ -21,7 +21,13 @@ PLURAL = "apiconcurrencypools"
 KIND = "ApiConcurrencyPool"
 MAX_SLOTS = 1000
 
-HANDLER = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?:http|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$")
+HANDLER = re.compile(
+    r"^(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?:http|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)$", re.ASCII
+)
+K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+MAX_CALL_TIMEOUT = 3600
+RESERVED_ENV_PREFIX = "APIPOOL_"
 TEMPLATE_KEYS = frozenset(
     {
         "resources",
@@ -98,8 +104,22 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+def _whole(doc: Mapping[str, Any], where: str, name: str, default: int) -> int:
+    value = doc.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidSpec(f"spec.{where}.{name} must be an integer >= 1, not {value!r}")
+    return value
+
+
+def _handler_name(spec: str) -> str:
+    name, sep, _ = spec.partition("=")
+    return name if sep else spec
+
+
 def _check_handler(where: str, spec: str) -> str:
-    if not HANDLER.match(spec):
+    if not HANDLER.fullmatch(spec):
         raise InvalidSpec(
             f"{where} {spec!r} is not a handler: use 'http', 'module:function' "
             "or 'name=module:function'"
@@ -142,24 +162,29 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
     image = _get(spec, "image", str, "")
     if not image.strip():
         raise InvalidSpec("spec.image is required")
+    if any(c.isspace() for c in image):
+        raise InvalidSpec(f"spec.image {image!r} must not contain white space")
     handler = _check_handler("spec.handler", _get(spec, "handler", str, "http"))
     extra = _get(spec, "extraHandlers", list, [])
     extra_handlers = tuple(_check_handler("spec.extraHandlers item", str(h)) for h in extra)
+    names = [_handler_name(h) for h in (handler, *extra_handlers)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidSpec(f"handler name(s) given twice: {', '.join(twice)}")
     redis = _get(spec, "redis", dict, {})
     secret_ref = redis.get("secretRef") or {}
     if not isinstance(secret_ref, dict) or not secret_ref.get("name"):
         raise InvalidSpec("spec.redis.secretRef.name is required: a Secret holding the Redis URL")
+    secret_name, secret_key = secret_ref["name"], secret_ref.get("key") or "url"
+    if not isinstance(secret_name, str) or not K8S_NAME.fullmatch(secret_name):
+        raise InvalidSpec(f"spec.redis.secretRef.name {secret_name!r} is not a Secret name")
+    if not isinstance(secret_key, str) or not SECRET_KEY.fullmatch(secret_key):
+        raise InvalidSpec(f"spec.redis.secretRef.key {secret_key!r} is not a Secret key")
     liveness_doc = _get(spec, "liveness", dict, {})
     liveness = Liveness(
-        period_seconds=int(
-            _positive("liveness.periodSeconds", liveness_doc.get("periodSeconds", 1))
-        ),
-        failure_threshold=int(
-            _positive("liveness.failureThreshold", liveness_doc.get("failureThreshold", 3))
-        ),
-        timeout_seconds=int(
-            _positive("liveness.timeoutSeconds", liveness_doc.get("timeoutSeconds", 1))
-        ),
+        period_seconds=_whole(liveness_doc, "liveness", "periodSeconds", 1),
+        failure_threshold=_whole(liveness_doc, "liveness", "failureThreshold", 3),
+        timeout_seconds=_whole(liveness_doc, "liveness", "timeoutSeconds", 1),
     )
     template = _get(spec, "template", dict, {})
     bad_keys = sorted(set(template) - TEMPLATE_KEYS)
@@ -167,6 +192,24 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         raise InvalidSpec(
             f"spec.template does not support: {', '.join(bad_keys)} "
             f"(supported: {', '.join(sorted(TEMPLATE_KEYS))})"
+        )
+    env = template.get("env") or []
+    if not isinstance(env, list) or not all(isinstance(e, dict) and e.get("name") for e in env):
+        raise InvalidSpec("spec.template.env must be a list of {name, value|valueFrom}")
+    reserved = sorted(e["name"] for e in env if str(e["name"]).startswith(RESERVED_ENV_PREFIX))
+    if reserved:
+        # APIPOOL_OWNER decides which process may take a slot's lease over: a
+        # pod-independent value would let a new pod take a slot from a live one.
+        raise InvalidSpec(
+            f"spec.template.env may not set {', '.join(reserved)}: "
+            f"{RESERVED_ENV_PREFIX}* variables are set by the operator"
+        )
+    call_timeout = float(
+        _positive("callTimeoutSeconds", _get(spec, "callTimeoutSeconds", (int, float), 10.0))
+    )
+    if call_timeout > MAX_CALL_TIMEOUT:
+        raise InvalidSpec(
+            f"spec.callTimeoutSeconds must be <= {MAX_CALL_TIMEOUT}, not {call_timeout:g}"
         )
     max_attempts = _get(spec, "maxAttempts", int, 3)
     if max_attempts < 1:
@@ -182,11 +225,9 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         image=image,
         handler=handler,
         extra_handlers=extra_handlers,
-        redis_secret=str(secret_ref["name"]),
-        redis_secret_key=str(secret_ref.get("key") or "url"),
-        call_timeout_seconds=float(
-            _positive("callTimeoutSeconds", _get(spec, "callTimeoutSeconds", (int, float), 10.0))
-        ),
+        redis_secret=secret_name,
+        redis_secret_key=secret_key,
+        call_timeout_seconds=call_timeout,
         heartbeat_interval_seconds=float(
             _positive(
                 "heartbeatIntervalSeconds",
