@@ -13,7 +13,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make bench  - benchmarks, figures printed"
 	@echo "make image  - build the container image (needs a container engine)"
-	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker and kind)"
+	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker, kind and kubectl)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "apipool needs Python >= 3.11; set PYTHON=python3.11 or newer")'

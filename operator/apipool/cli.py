@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -258,16 +258,19 @@ def _cmd_standin(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         api = StandInApi(args.limit, host=args.host, port=args.port, default_ms=args.ms)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 nothing else would stop it
+            loop.add_signal_handler(sig, stop.set)
         async with api:
             logging.getLogger("apipool.standin").info(
                 "stand-in API limited to %d connections on %s (GET /work?ms=, GET /stats)",
                 args.limit,
                 api.url,
             )
-            await asyncio.Event().wait()  # until SIGTERM / Ctrl-C
+            await stop.wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    asyncio.run(serve())
     return 0
 
 

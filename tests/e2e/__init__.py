@@ -1,0 +1,1 @@
+"""End-to-end tests on a real kind cluster (marker ``e2e``; ``make e2e``)."""
