@@ -61,12 +61,20 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_clients: dict[str, Any] = {}
+
+
 def _core() -> kubernetes.client.CoreV1Api:
-    return kubernetes.client.CoreV1Api()
+    """One client (and connection pool) for all reconciles, made after login."""
+    if "core" not in _clients:
+        _clients["core"] = kubernetes.client.CoreV1Api()
+    return cast(kubernetes.client.CoreV1Api, _clients["core"])
 
 
 def _custom() -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi()
+    if "custom" not in _clients:
+        _clients["custom"] = kubernetes.client.CustomObjectsApi()
+    return cast(kubernetes.client.CustomObjectsApi, _clients["custom"])
 
 
 def _body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -93,6 +101,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300  # re-list at least every 5 minutes
     settings.watching.client_timeout = 330
+    _clients.clear()  # built again from the configuration loaded now
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
@@ -235,13 +244,29 @@ def _post_problem(body: Mapping[str, Any], problem: Problem | None) -> None:
 # -- the reconcile ----------------------------------------------------------------
 
 
-def reconcile(body: Mapping[str, Any], *, retry_problems: bool = False) -> None:
+def _latest(namespace: str, name: str) -> Mapping[str, Any] | None:
+    """The pool as the API server has it now; None once it is gone."""
+    try:
+        return cast(
+            Mapping[str, Any],
+            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _api_error(f"reading pool {namespace}/{name}", exc) from exc
+
+
+def reconcile(namespace: str, name: str, *, retry_problems: bool = False) -> None:
     """Bring one pool's pods, Redis bookkeeping and status in line with its spec."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
     with _lock(namespace, name), RECONCILE_SECONDS.time():
         try:
-            _reconcile(body, retry_problems=retry_problems)
+            # Read the pool again under the lock: the body kopf hands over can predate
+            # the status the previous reconcile wrote, and whether a problem is new
+            # (an Event) or a condition flips is decided against that status.
+            latest = _latest(namespace, name)
+            if latest is not None and not latest["metadata"].get("deletionTimestamp"):
+                _reconcile(latest, retry_problems=retry_problems)
         except kopf.TemporaryError:
             RECONCILES.labels("retry").inc()
             raise
@@ -302,8 +327,12 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
             r = redis_ops.connect(url, SETTINGS.redis_timeout)
             try:
                 write_pool_config(r, name, slots=spec.slots, max_queue_length=spec.max_queue_length)
+                # Slots >= N will not come back: return their jobs. A slot < N
+                # without a pod is recreated, and its new process recovers what
+                # its predecessor left (never racing a live holder).
                 live = {p.index for p in pods}
-                for slot in redis_ops.orphaned_slots(r, name, live):
+                gone = [i for i in redis_ops.orphaned_slots(r, name, live) if i >= spec.slots]
+                for slot in gone:
                     redis_ops.reap(
                         r,
                         name,
@@ -343,14 +372,16 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def pool_changed(body: kopf.Body, **_: Any) -> None:
-    reconcile(body, retry_problems=True)
+def pool_changed(name: str, namespace: str | None, **_: Any) -> None:
+    if namespace is not None:
+        reconcile(namespace, name, retry_problems=True)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False)
-def pool_timer(body: kopf.Body, **_: Any) -> None:
+def pool_timer(name: str, namespace: str | None, **_: Any) -> None:
     """Self-healing: catches whatever an event missed."""
-    reconcile(body)
+    if namespace is not None:
+        reconcile(namespace, name)
 
 
 @kopf.on.event("", "v1", "pods", labels={**BASE_LABELS, LABEL_POOL: kopf.PRESENT})
@@ -359,20 +390,8 @@ def slot_pod_event(
 ) -> None:
     """A slot pod changed or went away: reconcile its pool at once."""
     pool = labels.get(LABEL_POOL)
-    if not pool or not namespace:
-        return
-    try:
-        body = cast(
-            dict[str, Any],
-            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, pool),
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return  # the pool is gone; garbage collection removes its pods
-        raise _api_error(f"reading pool {namespace}/{pool}", exc) from exc
-    if body.get("metadata", {}).get("deletionTimestamp"):
-        return
-    reconcile(body)
+    if pool and namespace:
+        reconcile(namespace, pool)  # reads the pool itself; gone or deleting: nothing
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
