@@ -284,23 +284,29 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
     pods = observe_pods(namespace, name)
     label_selector = ",".join(f"{k}={v}" for k, v in selector(name).items())
 
+    def report(problem: Problem | None, **figures: Any) -> dict[str, Any]:
+        """Post an Event for a new problem; the status for these figures."""
+        _post_problem(body, problem)
+        return build_status(
+            selector=label_selector,
+            pods=pods,
+            problem=problem,
+            generation=generation,
+            now=_now(),
+            previous=previous,
+            **figures,
+        )
+
     try:
         spec = parse_spec(name, body.get("spec") or {})
     except InvalidSpec as exc:
-        invalid = Problem("InvalidSpec", str(exc))
-        _post_problem(body, invalid)
-        status = build_status(
+        status = report(
+            Problem("InvalidSpec", str(exc)),
             slots=len(pods),
-            selector=label_selector,
-            pods=pods,
             template_hash="",
             actions=[],
             stats=None,
             utilization=None,
-            problem=invalid,
-            generation=generation,
-            now=_now(),
-            previous=previous,
         )
         status["desiredSlots"] = (body.get("spec") or {}).get("slots")
         _write_status(namespace, name, status)
@@ -347,19 +353,13 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
         except (RedisError, ApipoolError) as exc:
             problem = Problem("RedisUnreachable", f"Redis of pool {name}: {exc}")
 
-    _post_problem(body, problem)
-    status = build_status(
+    status = report(
+        problem,
         slots=spec.slots,
-        selector=label_selector,
-        pods=pods,
         template_hash=digest,
         actions=actions,
         stats=stats,
         utilization=utilization,
-        problem=problem,
-        generation=generation,
-        now=_now(),
-        previous=previous,
     )
     _write_status(namespace, name, status)
     if problem is not None and retry_problems:

@@ -28,6 +28,23 @@ K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 MAX_CALL_TIMEOUT = 3600
 RESERVED_ENV_PREFIX = "APIPOOL_"
+SPEC_FIELDS = frozenset(
+    {
+        "slots",
+        "image",
+        "handler",
+        "extraHandlers",
+        "redis",
+        "callTimeoutSeconds",
+        "heartbeatIntervalSeconds",
+        "maxAttempts",
+        "resultTtlSeconds",
+        "maxQueueLength",
+        "liveness",
+        "maxUnavailable",
+        "template",
+    }
+)
 TEMPLATE_KEYS = frozenset(
     {
         "resources",
@@ -134,24 +151,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
             f"pool name {name!r} must be a DNS label of at most 50 characters "
             "(pods are named <pool>-slot-<i>)"
         )
-    unknown = sorted(
-        set(spec)
-        - {
-            "slots",
-            "image",
-            "handler",
-            "extraHandlers",
-            "redis",
-            "callTimeoutSeconds",
-            "heartbeatIntervalSeconds",
-            "maxAttempts",
-            "resultTtlSeconds",
-            "maxQueueLength",
-            "liveness",
-            "maxUnavailable",
-            "template",
-        }
-    )
+    unknown = sorted(set(spec) - SPEC_FIELDS)
     if unknown:
         raise InvalidSpec(f"unknown field(s) in spec: {', '.join(unknown)}")
     slots = _get(spec, "slots", int, None)
