@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format demo bench image e2e clean
+.PHONY: help venv test test-fast lint format demo bench image e2e crds crds-check clean
 
 help:
 	@echo "make demo   - local demo: pool of slots vs a connection-limited stand-in API"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make bench  - benchmarks, figures printed"
 	@echo "make image  - build the container image (needs a container engine)"
+	@echo "make crds   - copy crds/ (and the example worker) into charts/apipool"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker, kind and kubectl)"
 
 $(STAMP): pyproject.toml
@@ -31,19 +32,25 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow and not e2e' $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests bench scripts examples
+	$(BIN)/ruff format --check operator tests bench scripts examples
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format operator tests bench
-	$(BIN)/ruff check --fix operator tests bench
+	$(BIN)/ruff format operator tests bench scripts examples
+	$(BIN)/ruff check --fix operator tests bench scripts examples
 
 demo: $(STAMP)
 	$(BIN)/apipool demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+crds:
+	$(PYTHON) scripts/sync_crds.py
+
+crds-check:
+	$(PYTHON) scripts/sync_crds.py --check
 
 IMAGE ?= apipool:dev
 
