@@ -332,3 +332,20 @@ def test_sync_handler_overrunning_its_timeout_kills_the_process(
         client.submit({"seconds": 30})
         assert slot.wait(15) == 3
     assert "overran its timeout" in slot.output()
+
+
+def test_a_slot_beyond_the_pools_size_calls_nothing(
+    start_slot: StartSlot, redis_url: str, pool: str, r: redis.Redis
+) -> None:
+    """After a scale-down, a process that outlived its pod must not act as slot N+1."""
+    write_pool_config(r, pool, slots=1)
+    slot = start_slot(1, heartbeat=0.1)
+    wait_for(lambda: slot.status("/healthz") == 200, 15, what="slot up")
+    with Client(redis_url, pool) as client:
+        job_id = client.submit({})
+        with pytest.raises(ResultTimeout):
+            client.result(job_id, timeout=1.0)
+        assert slot.status("/readyz") == 503
+        assert "beyond the pool's 1 slots" in slot.output()
+        write_pool_config(r, pool, slots=2)  # scaled up again: slot 1 exists now
+        assert client.wait(job_id, 10).status == "ok"

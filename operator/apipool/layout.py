@@ -3,8 +3,9 @@
 This module is the one place that names Redis keys and holds the Lua scripts.
 Everything else goes through :class:`PoolKeys` and the ``*_SCRIPT`` constants.
 
-Keys of pool ``P`` (the ``{P}`` hash tag keeps a pool on one Redis Cluster slot)
-===============================================================================
+Keys of pool ``P`` (the ``{P}`` hash tag would keep a pool on one Redis Cluster slot;
+today's clients connect to one Redis endpoint, without Cluster or Sentinel discovery)
+=====================================================================================
 
 ``apipool:{P}:queue``           LIST of job envelopes (JSON, see envelope.py).
                                 Producers ``LPUSH``; slots take from the right,

@@ -97,6 +97,7 @@ class SlotWorker:
         self.lease_held = False
         self.lease_valid_until = 0.0  # time.monotonic()
         self.lease_epoch = 0  # bumped at every acquisition
+        self.surplus = False  # slot index >= the pool's published size N
         self.redis_ok = False
         self.last_tick = time.monotonic()
         self.call_started: float | None = None
@@ -121,7 +122,11 @@ class SlotWorker:
     # -- lease ------------------------------------------------------------------
 
     def lease_ok_for(self, seconds: float) -> bool:
-        return self.lease_held and self.lease_valid_until - time.monotonic() > seconds
+        return (
+            self.lease_held
+            and not self.surplus
+            and self.lease_valid_until - time.monotonic() > seconds
+        )
 
     async def refresh_lease(self) -> None:
         """One heartbeat: renew the lease we hold, or try to get it."""
@@ -149,6 +154,7 @@ class SlotWorker:
                         holder.decode(errors="replace"),
                         int(pttl),
                     )
+            await self._check_pool_size()
             self.redis_ok = True
         except RedisError as exc:
             if self.redis_ok:
@@ -156,6 +162,19 @@ class SlotWorker:
             self.redis_ok = False
         self.metrics.lease_held.set(1 if self.lease_ok_for(0) else 0)
         self._lease_changed.set()
+
+    async def _check_pool_size(self) -> None:
+        """A slot >= N (the pool's published size) calls nothing: after a
+        scale-down, a process that outlived its pod must not be an extra slot."""
+        raw = await self.ctl.hget(self.keys.config, "slots")
+        size = int(raw) if raw is not None else None
+        surplus = size is not None and self.settings.slot >= size
+        if surplus != self.surplus:
+            if surplus:
+                log.warning(
+                    "slot %d is beyond the pool's %s slots; not calling", self.settings.slot, size
+                )
+            self.surplus = surplus
 
     def _gain_lease(self, code: int, previous: bytes) -> None:
         self.lease_held = True
@@ -603,6 +622,8 @@ class SlotWorker:
     def readiness(self) -> tuple[bool, str]:
         if not self.redis_ok:
             return False, "redis unreachable"
+        if self.surplus:
+            return False, "slot index is beyond the pool's size"
         if not self.lease_ok_for(0):
             return False, "lease not held"
         return True, "ok"

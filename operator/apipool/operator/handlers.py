@@ -321,10 +321,11 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
         problem = Problem("RedisSecretMissing", str(exc))
 
     actions = plan(Desired(spec.slots, digest, spec.max_unavailable), pods)
-    if problem is None:
-        for action in actions:
+    for action in actions:
+        # Without the Secret new pods could not start: create nothing, replace
+        # nothing; scale-down still happens (fewer calls is always safe).
+        if problem is None or (isinstance(action, Delete) and action.index >= spec.slots):
             apply(body, spec, action)
-    # else: new pods could not start without the Secret; existing ones keep running
 
     stats: PoolStats | None = None
     utilization: float | None = None
