@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format demo bench image e2e crds crds-check clean
+.PHONY: help venv test test-fast lint format demo bench image e2e crds crds-check compare clean
 
 help:
 	@echo "make demo   - local demo: pool of slots vs a connection-limited stand-in API"
 	@echo "make test   - the whole test suite (starts its own redis-server)"
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make bench  - benchmarks, figures printed"
+	@echo "make compare - apipool vs dramatiq's ConcurrentRateLimiter vs a sorted-set semaphore, same chaos"
 	@echo "make image  - build the container image (needs a container engine)"
 	@echo "make crds   - copy crds/ (and the example worker) into charts/apipool"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker, kind and kubectl)"
@@ -32,19 +33,22 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow and not e2e' $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check operator tests bench scripts examples
-	$(BIN)/ruff format --check operator tests bench scripts examples
+	$(BIN)/ruff check operator tests bench scripts examples compare
+	$(BIN)/ruff format --check operator tests bench scripts examples compare
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format operator tests bench scripts examples
-	$(BIN)/ruff check --fix operator tests bench scripts examples
+	$(BIN)/ruff format operator tests bench scripts examples compare
+	$(BIN)/ruff check --fix operator tests bench scripts examples compare
 
 demo: $(STAMP)
 	$(BIN)/apipool demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+compare: $(STAMP)
+	$(BIN)/python -m compare $(COMPARE_ARGS)
 
 crds:
 	$(PYTHON) scripts/sync_crds.py

@@ -39,6 +39,18 @@ FAULT_KINDS = ("kill", "stop_short", "stop_long")
 
 
 @dataclass(frozen=True)
+class ScheduledFault:
+    """One fault at a fixed time, to replay the same faults on several systems."""
+
+    at: float
+    """Seconds into the measured run."""
+    kind: str
+    """``kill``, ``stop_short`` or ``stop_long``."""
+    hold: float = 0.0
+    """For stops: seconds until SIGCONT; 0: stopped until the supervisor kills it."""
+
+
+@dataclass(frozen=True)
 class ChaosPlan:
     """Faults injected during a run. Times in seconds."""
 
@@ -55,9 +67,11 @@ class ChaosPlan:
     """Seconds into the run at which Redis is restarted (append-only, so it keeps its data)."""
     redis_outages: tuple[tuple[float, float], ...] = ()
     """(at, seconds): Redis is stopped at ``at`` and started again ``seconds`` later."""
+    schedule: tuple[ScheduledFault, ...] = ()
+    """Slot faults at fixed times; when given, instead of random ones every ``interval``."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.kinds) - set(FAULT_KINDS)
+        unknown = (set(self.kinds) | {f.kind for f in self.schedule}) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
 
@@ -99,6 +113,7 @@ class Fault:
     slot: int
     pid: int
     wall: float = 0.0  # time.time() of the fault
+    in_call: bool = False  # the victim held a job when it was hit
 
 
 @dataclass(frozen=True)
@@ -291,17 +306,36 @@ class _Run:
 
     # -- faults ------------------------------------------------------------------
 
-    def _victim(self) -> tuple[int, int] | None:
+    def _victim(self) -> tuple[int, int, bool] | None:
+        """A slot process to hit: (slot, pid, in a call), among healthy ones (not a
+        replacement still starting), in a call with probability ``prefer_busy``."""
         pids = self.supervisor.pids()
-        live = [i for i in pids if pids[i] not in self.stopped_pids]
+        healthy = {slot.index for slot in self.supervisor.slots if slot.healthy}
+        live = [i for i in pids if pids[i] not in self.stopped_pids and i in healthy]
         if not live:
             return None
         busy = [i for i in live if self.busy.get(i)]
-        pool = (
-            busy if busy and self.rng.random() < (self.s.chaos or ChaosPlan()).prefer_busy else live
-        )
-        slot = self.rng.choice(pool)
-        return slot, pids[slot]
+        prefer = (self.s.chaos or ChaosPlan()).prefer_busy
+        slot = self.rng.choice(busy if busy and self.rng.random() < prefer else live)
+        return slot, pids[slot], slot in busy
+
+    def _strike(self, kind: str, hold: float, later: set[asyncio.Task[None]]) -> None:
+        picked = self._victim()
+        if picked is None:
+            return
+        slot, pid, in_call = picked
+        try:
+            if kind == "kill":
+                os.kill(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGSTOP)
+                self.stopped_pids.add(pid)
+                if hold > 0:
+                    later.add(asyncio.create_task(self._signal_later(pid, signal.SIGCONT, hold)))
+        except ProcessLookupError:
+            return
+        at = time.monotonic() - self.t0
+        self.faults.append(Fault(at, kind, slot, pid, time.time(), in_call))
 
     async def _signal_later(self, pid: int, sig: signal.Signals, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -317,32 +351,21 @@ class _Run:
             for at, seconds in plan.redis_outages:
                 later.add(asyncio.create_task(self._redis_fault(redis_server, at, seconds)))
         try:
-            while self.running:
-                if plan.interval <= 0:  # Redis faults only
-                    await asyncio.sleep(0.1)
-                    continue
-                await asyncio.sleep(self.rng.expovariate(1.0 / plan.interval))
-                if not self.is_running():
-                    break
-                picked = self._victim()
-                if picked is None:
-                    continue
-                slot, pid = picked
-                kind = self.rng.choice(plan.kinds)
-                try:
-                    if kind == "kill":
-                        os.kill(pid, signal.SIGKILL)
-                    else:
-                        os.kill(pid, signal.SIGSTOP)
-                        self.stopped_pids.add(pid)
-                        if kind == "stop_short":
-                            task = asyncio.create_task(
-                                self._signal_later(pid, signal.SIGCONT, plan.stop_short)
-                            )
-                            later.add(task)
-                except ProcessLookupError:
-                    continue
-                self.faults.append(Fault(time.monotonic() - self.t0, kind, slot, pid, time.time()))
+            if plan.schedule:
+                for fault in sorted(plan.schedule, key=lambda f: f.at):
+                    await asyncio.sleep(max(0.0, self.t0 + fault.at - time.monotonic()))
+                    if not self.is_running():
+                        break
+                    self._strike(fault.kind, fault.hold, later)
+            elif plan.interval > 0:
+                while self.is_running():
+                    await asyncio.sleep(self.rng.expovariate(1.0 / plan.interval))
+                    if not self.is_running():
+                        break
+                    kind = self.rng.choice(plan.kinds)
+                    self._strike(kind, plan.stop_short if kind == "stop_short" else 0.0, later)
+            while self.is_running():  # Redis faults may still be due
+                await asyncio.sleep(0.1)
         finally:
             for task in later:
                 task.cancel()
