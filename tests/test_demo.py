@@ -427,7 +427,14 @@ def test_json_document() -> None:
     assert doc["nothing_lost"] is False
     assert doc["faults_by_kind"] == {"kill": 2, "stop_short": 0, "stop_long": 1}
     assert doc["throughput"] == pytest.approx(1100 / 30.0)
-    assert doc["faults"][0] == {"at": 1.0, "kind": "kill", "slot": 0, "pid": 100, "wall": 0.0}
+    assert doc["faults"][0] == {
+        "at": 1.0,
+        "kind": "kill",
+        "slot": 0,
+        "pid": 100,
+        "wall": 0.0,
+        "in_call": False,
+    }
     assert "timeline" not in doc
     assert json.loads(json.dumps(doc)) == doc
 

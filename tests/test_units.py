@@ -158,3 +158,34 @@ def test_readiness_needs_redis_and_a_valid_lease() -> None:
     assert worker.readiness() == (True, "ok")
     assert worker.lease_ok_for(4)
     assert not worker.lease_ok_for(6)  # self-fencing: not enough lease for that
+
+
+@pytest.mark.timeout(10)
+def test_heartbeat_stops_even_when_a_client_swallows_the_cancel() -> None:
+    """A cancel landing inside a Redis command may come back as a RedisError,
+    which the heartbeat treats as an outage; the loop must still end."""
+    import asyncio
+
+    worker = make_worker()
+    entered = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def swallowing_refresh() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)  # once, as a client library converting the cancel would
+
+    worker.refresh_lease = swallowing_refresh  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.heartbeat_loop())
+        await asyncio.wait_for(entered.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 3)
+
+    asyncio.run(scenario())

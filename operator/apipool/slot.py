@@ -199,6 +199,7 @@ class SlotWorker:
 
     async def heartbeat_loop(self) -> None:
         interval = self.timings.heartbeat_interval
+        task = asyncio.current_task()
         while True:
             started = time.monotonic()
             self.last_tick = started
@@ -207,6 +208,10 @@ class SlotWorker:
                 log.warning("supervisor (pid %d) is gone; stopping", parent)
                 self.stop()
             await self.refresh_lease()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands inside a command into a
+                # RedisError, which refresh_lease takes for an outage: honour it.
+                raise asyncio.CancelledError
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _wait_lease_change(self, timeout: float) -> None:
