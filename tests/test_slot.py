@@ -349,3 +349,21 @@ def test_a_slot_beyond_the_pools_size_calls_nothing(
         assert "beyond the pool's 1 slots" in slot.output()
         write_pool_config(r, pool, slots=2)  # scaled up again: slot 1 exists now
         assert client.wait(job_id, 10).status == "ok"
+
+
+def test_reply_to_key_that_is_not_a_list_is_answered_at_the_default_key(
+    start_slot: StartSlot, redis_url: str, pool: str, r: redis.Redis
+) -> None:
+    keys = PoolKeys(pool)
+    reply_to = f"{keys.reply_prefix}batch"
+    r.set(reply_to, "not a list")
+    env = make_envelope({"x": 1}, reply_to=reply_to)
+    r.lpush(keys.queue, env.to_json())
+    ready(start_slot())
+    with Client(redis_url, pool) as client, pytest.raises(JobFailed, match="is not a list"):
+        client.result(env.id, timeout=10)
+    assert r.get(reply_to) == b"not a list"  # left as it was
+    entries = dead_letters(r, pool)
+    assert [e["id"] for e in entries] == [env.id]
+    assert "is not a list" in str(entries[0]["reason"])
+    assert r.llen(keys.inflight(0)) == 0

@@ -40,11 +40,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .envelope import (
-    STATUS_DEAD,
     STATUS_EXPIRED,
     STATUS_OK,
     Envelope,
-    dead_letter_entry,
     parse_envelope,
     result_record,
 )
@@ -275,28 +273,9 @@ class SlotWorker:
         if done == -1 and reply_to:
             # The producer's reply_to key holds another type: answer at the
             # default result key instead, as a dead letter that says why.
-            await self._finish(
-                raw,
-                job_id=job_id,
-                reply_to=None,
-                record=result_record(
-                    job_id=job_id or "",
-                    status=STATUS_DEAD,
-                    attempt=0,
-                    slot=self.settings.slot,
-                    error=f"reply_to key {reply_to!r} is not a list",
-                ),
-                counter="dead",
-                busy_ms=busy_ms,
-                dead_entry=dead_letter_entry(
-                    raw=raw.decode(errors="replace"),
-                    reason=f"reply_to key {reply_to!r} is not a list",
-                    slot=self.settings.slot,
-                    job_id=job_id,
-                    attempt=None,
-                ),
-                take_next=take_next,
-            )
+            reason = f"reply_to key {reply_to!r} is not a list"
+            dead = dead_letter(raw, reason, env=None, slot=self.settings.slot)
+            await self._write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next)
             return False
         if done == 0:
             log.warning("job %s was no longer in flight here; outcome not written", job_id)

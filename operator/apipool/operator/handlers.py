@@ -33,7 +33,15 @@ from ..errors import ApipoolError
 from ..stats import PoolStats, read_stats, write_pool_config
 from . import redis_ops
 from .config import OperatorSettings
-from .manifests import BASE_LABELS, LABEL_HASH, LABEL_POOL, selector, slot_index, slot_pod
+from .manifests import (
+    BASE_LABELS,
+    LABEL_HASH,
+    LABEL_POOL,
+    selector,
+    slot_index,
+    slot_pod,
+    template_hash,
+)
 from .planning import Create, Delete, Desired, ObservedPod, plan
 from .spec import GROUP, PLURAL, VERSION, InvalidSpec, PoolSpec, parse_spec
 from .status import Problem, build_status
@@ -312,7 +320,7 @@ def _reconcile(body: Mapping[str, Any], *, retry_problems: bool) -> None:
         _write_status(namespace, name, status)
         return  # invalid until the spec changes: existing slots are left as they are
 
-    digest = slot_pod(spec, name, namespace, 0)["metadata"]["labels"][LABEL_HASH]
+    digest = template_hash(spec, name)
     problem: Problem | None = None
     url: str | None = None
     try:
