@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from apipool.harness import ChaosPlan, Scenario, run_scenario
+from apipool.testing.harness import ChaosPlan, Scenario, run_scenario
 
 from .common import Figures, Target, maximum, median
 

@@ -3,13 +3,13 @@
 For each call length, three runs one after the other, each against its own
 stand-in API with a hard limit of N:
 
-- ``pool``: :func:`apipool.harness.run_scenario` without faults: a throwaway
+- ``pool``: :func:`apipool.testing.harness.run_scenario` without faults: a throwaway
   redis-server, a local supervisor running N slot processes with the built-in
   ``http`` handler (one kept-alive connection per slot), producers that keep
   the queue full.
 - ``floor``: N bare client processes (``multiprocessing``), each an aiohttp loop
   over one kept-alive connection (``TCPConnector(limit=1)``) calling the stand-in
-  (:class:`apipool.standin.StandInThread`) back to back: no Redis, no slot code.
+  (:class:`apipool.testing.standin.StandInThread`) back to back: no Redis, no slot code.
   This is the best N single-connection Python processes do on this machine, so
   ``pool_vs_floor`` is the share of it that the pool reaches.
 - ``floor_redis``: the same clients, each also sending, after every call, the
@@ -47,10 +47,10 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from apipool.envelope import make_envelope
-from apipool.harness import Scenario, ScenarioResult, run_scenario
+from apipool.testing.harness import Scenario, ScenarioResult, run_scenario
 from apipool.layout import COMPLETE_SCRIPT, PoolKeys
-from apipool.redis_server import RedisServer
-from apipool.standin import StandInThread
+from apipool.testing.redis_server import RedisServer
+from apipool.testing.standin import StandInThread
 
 from .common import Figures, Target, wait_until
 

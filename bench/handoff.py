@@ -24,7 +24,7 @@ from typing import Any
 
 from apipool.client import Client, JobResult
 from apipool.errors import ResultTimeout
-from apipool.redis_server import RedisServer
+from apipool.testing.redis_server import RedisServer
 
 from .common import Figures, SlotSubprocess, Target, maximum, percentile
 

@@ -56,7 +56,7 @@ from tests.operator.conftest import (
 from tests.operator.emulator import Emulator, EmulatorThread
 
 from apipool.operator.manifests import LABEL_HASH, LABEL_POOL
-from apipool.redis_server import RedisServer
+from apipool.testing.redis_server import RedisServer
 
 from .common import Figures, Target, maximum, median, percentile, wait_until
 

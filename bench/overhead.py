@@ -42,7 +42,7 @@ from redis.retry import Retry
 
 from apipool.envelope import STATUS_OK, Envelope, make_envelope, result_record
 from apipool.layout import COMPLETE_SCRIPT, PoolKeys
-from apipool.redis_server import RedisServer
+from apipool.testing.redis_server import RedisServer
 
 from .common import Figures, SlotSubprocess, Target, median
 

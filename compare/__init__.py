@@ -4,7 +4,7 @@
 stand-in API (hard limit N), the same seeded chaos schedule, the same load and
 duration:
 
-1. ``apipool``: the real pool through :func:`apipool.harness.run_scenario`;
+1. ``apipool``: the real pool through :func:`apipool.testing.harness.run_scenario`;
 2. ``dramatiq``: dramatiq's ``ConcurrentRateLimiter`` on its Redis backend,
    used as a library by M > N general worker processes;
 3. ``zset``: the classic Redis sorted-set semaphore with per-holder timeouts.

@@ -1,4 +1,4 @@
-"""Run apipool through :func:`apipool.harness.run_scenario`, on the shared chaos schedule.
+"""Run apipool through :func:`apipool.testing.harness.run_scenario`, on the shared chaos schedule.
 
 The shared schedule is handed to the harness as ``ChaosPlan(schedule=...)``: the
 same faults at the same times as the limiter systems get, each hitting a slot in
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apipool.harness import ChaosPlan, Scenario, ScheduledFault, run_scenario
+from apipool.testing.harness import ChaosPlan, Scenario, ScheduledFault, run_scenario
 
 from .schedule import Done, Planned, Settings, recovery_times
 

@@ -14,8 +14,8 @@ from typing import IO, Any
 
 import redis
 
-from apipool.redis_server import RedisServer
-from apipool.standin import StandInApi
+from apipool.testing.redis_server import RedisServer
+from apipool.testing.standin import StandInApi
 
 from . import worker as w
 from .schedule import Done, Planned, Settings, recovery_times

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from apipool.redis_server import RedisServer, RedisServerMissing, free_port
+from apipool.testing.redis_server import RedisServer, RedisServerMissing, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_ENV = dict(

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from apipool import __version__
-from apipool.redis_server import free_port
+from apipool.testing.redis_server import free_port
 
 from .conftest import ROOT, SUBPROCESS_ENV, wait_for
 

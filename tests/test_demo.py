@@ -37,7 +37,7 @@ from apipool.demo import (
     verdict,
     verdict_text,
 )
-from apipool.harness import FAULT_KINDS, Fault, Scenario, ScenarioResult, Snapshot
+from apipool.testing.harness import FAULT_KINDS, Fault, Scenario, ScenarioResult, Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from apipool.harness import ChaosPlan, Scenario, ScenarioResult, run_scenario
+from apipool.testing.harness import ChaosPlan, Scenario, ScenarioResult, run_scenario
 
 # Scenario defaults: call timeout 2 s, heartbeat 0.5 s, take block 0.5 s (lease TTL 5 s),
 # liveness window 2 s, probes every 0.25 s with a 0.5 s timeout.

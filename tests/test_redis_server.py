@@ -10,8 +10,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from apipool.errors import ConfigError
-from apipool.redis_server import RedisServer, RedisServerFailed, RedisServerMissing, free_port
+from apipool.errors import ApipoolError
+from apipool.testing.redis_server import (
+    RedisServer,
+    RedisServerError,
+    RedisServerFailed,
+    RedisServerMissing,
+    free_port,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -118,7 +124,8 @@ def test_missing_binary_names_the_package() -> None:
     server = RedisServer(binary="/nonexistent/redis-server")
     with pytest.raises(RedisServerMissing) as info:
         server.start()
-    assert isinstance(info.value, ConfigError)
+    assert isinstance(info.value, RedisServerError)
+    assert not isinstance(info.value, ApipoolError)  # a test tool's error, not the runtime's
     message = str(info.value)
     assert "redis-server" in message
     assert "apt-get install redis-server" in message

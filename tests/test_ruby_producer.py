@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import redis
 
-from apipool.layout import SUBMIT_SCRIPT, PoolKeys
-from apipool.standin import StandInApi, run_in_thread
+from apipool.layout import PoolKeys
+from apipool.protocol import SUBMIT
 from apipool.stats import read_stats
+from apipool.testing.standin import StandInApi, run_in_thread
 
 from .conftest import ROOT, SUBPROCESS_ENV, wait_for
 
@@ -199,7 +200,7 @@ def test_ruby_submit_script_is_the_documented_one(ruby: str) -> None:
         timeout=30,
         check=True,
     )
-    assert proc.stdout.strip() == SUBMIT_SCRIPT.strip()
+    assert proc.stdout.strip() == SUBMIT.source.strip()
 
 
 def test_ruby_producer_rejects_bad_arguments(ruby: str, redis_url: str, pool: str) -> None:

@@ -12,6 +12,7 @@ import redis
 
 from apipool import Client, EnvelopeError, JobExpired, JobFailed, QueueFull, ResultTimeout
 from apipool.envelope import make_envelope
+from apipool.exitcodes import ExitCode
 from apipool.layout import PoolKeys
 from apipool.stats import read_stats, write_pool_config
 
@@ -330,7 +331,7 @@ def test_sync_handler_overrunning_its_timeout_kills_the_process(
     ready(slot)
     with Client(redis_url, pool) as client:
         client.submit({"seconds": 30})
-        assert slot.wait(15) == 3
+        assert slot.wait(15) == ExitCode.SLOT_OVERRUN
     assert "overran its timeout" in slot.output()
 
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from apipool.errors import ConfigError
-from apipool.standin import StandInApi, StandInThread, run_in_thread
+from apipool.testing.standin import StandInApi, StandInThread, run_in_thread
 
 pytestmark = pytest.mark.unit
 

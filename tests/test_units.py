@@ -7,7 +7,8 @@ import time
 import pytest
 
 from apipool.errors import ConfigError
-from apipool.handlers import load_handler, load_handlers, parse_http_request
+from apipool.handlers import load_handler, load_handlers
+from apipool.http_handler import parse_http_request
 from apipool.layout import PoolKeys
 from apipool.settings import SlotSettings, Timings, check_pool_name
 from apipool.slot import SlotWorker

@@ -31,20 +31,18 @@ import jsonschema
 import pytest
 import redis
 
+from apipool import defaults
 from apipool.envelope import (
-    DEFAULT_MAX_ENVELOPE_BYTES,
-    STATUS_DEAD,
-    STATUS_EXPIRED,
-    STATUS_OK,
     dead_letter_entry,
     make_envelope,
     parse_envelope,
     result_record,
 )
 from apipool.errors import EnvelopeError
-from apipool.handlers import parse_http_request
-from apipool.layout import SUBMIT_SCRIPT, PoolKeys
-from apipool.redis_server import RedisServer
+from apipool.http_handler import parse_http_request
+from apipool.layout import PoolKeys
+from apipool.protocol import SUBMIT, Outcome
+from apipool.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "wire-format.md"
@@ -294,7 +292,7 @@ def test_the_size_limit_is_on_the_bytes_of_the_envelope() -> None:
     with pytest.raises(EnvelopeError, match=f"over the limit of {limit} bytes"):
         parse_envelope(over, max_bytes=limit)
     assert schema_accepts(over)  # a schema cannot say it: the doc does
-    assert DEFAULT_MAX_ENVELOPE_BYTES == 1 << 20
+    assert defaults.MAX_ENVELOPE_BYTES == 1 << 20
 
 
 @pytest.mark.unit
@@ -318,16 +316,16 @@ def test_make_envelope_output_matches_the_schema(kwargs: dict[str, Any], payload
 
 
 RECORDS = {
-    "ok": {"status": STATUS_OK, "result": {"echo": [1, "x"]}, "started_at": 1767225600.5},
-    "ok, null result": {"status": STATUS_OK, "result": None, "started_at": 1767225600},
+    "ok": {"status": Outcome.OK, "result": {"echo": [1, "x"]}, "started_at": 1767225600.5},
+    "ok, null result": {"status": Outcome.OK, "result": None, "started_at": 1767225600},
     "ok, http result": {
-        "status": STATUS_OK,
+        "status": Outcome.OK,
         "result": {"status": 404, "headers": {"X": "y"}, "body": "not found"},
         "started_at": 1.0,
     },
-    "expired": {"status": STATUS_EXPIRED, "error": "deadline passed before the call could start"},
-    "dead": {"status": STATUS_DEAD, "error": "attempt 3 of 3 failed: RuntimeError: no"},
-    "dead, malformed": {"status": STATUS_DEAD, "error": "malformed envelope: x", "attempt": 0},
+    "expired": {"status": Outcome.EXPIRED, "error": "deadline passed before the call could start"},
+    "dead": {"status": Outcome.DEAD, "error": "attempt 3 of 3 failed: RuntimeError: no"},
+    "dead, malformed": {"status": Outcome.DEAD, "error": "malformed envelope: x", "attempt": 0},
 }
 
 
@@ -342,13 +340,13 @@ def test_result_record_output_matches_the_schema(fields: dict[str, Any]) -> None
 
 @pytest.mark.unit
 def test_the_result_schema_is_not_vacuous() -> None:
-    good = strict_json(result_record(job_id="j", status=STATUS_OK, attempt=1, slot=0, result=1))
+    good = strict_json(result_record(job_id="j", status=Outcome.OK, attempt=1, slot=0, result=1))
     assert validator(RESULT_SCHEMA).is_valid(good)
     for bad in (
         {**good, "status": "failed"},
         {**good, "extra": 1},
         {k: v for k, v in good.items() if k != "finished_at"},
-        {**good, "status": STATUS_DEAD},  # dead needs an error and no result
+        {**good, "status": Outcome.DEAD},  # dead needs an error and no result
         {**good, "error": "x"},  # ok has no error
     ):
         assert not validator(RESULT_SCHEMA).is_valid(bad), bad
@@ -428,7 +426,7 @@ def test_every_tagged_example_in_the_doc_is_valid() -> None:
         elif kind == "http-payload":
             parse_http_request(strict_json(body))
         elif kind == "submit-script":
-            assert body.strip() == SUBMIT_SCRIPT.strip()
+            assert body.strip() == SUBMIT.source.strip()
         elif kind == "redis-cli":
             envelopes = redis_cli_envelopes(body)
             assert envelopes
@@ -446,7 +444,7 @@ def test_the_ruby_sketch_carries_the_submit_script_verbatim() -> None:
     text = DOC.read_text(encoding="utf-8")
     found = re.search(r"SUBMIT = <<~LUA\n(.*?)\n *LUA\n", text, re.DOTALL)
     assert found, "the Ruby sketch lost its SUBMIT heredoc"
-    assert textwrap.dedent(found.group(1)).strip() == SUBMIT_SCRIPT.strip()
+    assert textwrap.dedent(found.group(1)).strip() == SUBMIT.source.strip()
 
 
 @pytest.mark.unit

@@ -14,17 +14,33 @@ from typing import Any
 
 import redis
 
-from . import __version__
+from . import __version__, defaults
 from .errors import ApipoolError, ConfigError
+from .exitcodes import ExitCode, for_error, for_outcome
 from .settings import ENV_REDIS_URL, SlotSettings, Timings, default_redis_url
 
-EXIT_USAGE = 2
+EXTRA_OF_MODULE = {
+    "aiohttp": "slot",
+    "prometheus_client": "slot",
+    "multidict": "slot",
+    "kopf": "operator",
+    "kubernetes": "operator",
+    "rich": "demo",
+}
+"""Which extra of the apipool package brings a module a command needs."""
 
 
 def _positive(value: str) -> float:
     number = float(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def _count_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
 
 
@@ -58,9 +74,13 @@ def _add_slot_options(p: argparse.ArgumentParser) -> None:
         "--heartbeat-interval", type=_positive, default=t.heartbeat_interval, metavar="S"
     )
     p.add_argument("--fence-margin", type=_positive, default=t.fence_margin, metavar="S")
+    p.add_argument("--health-grace", type=_count_float, default=t.health_grace, metavar="S")
     p.add_argument("--take-block", type=_positive, default=t.take_block, metavar="S")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="K")
-    p.add_argument("--result-ttl", type=_positive, default=3600.0, metavar="S")
+    p.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS, metavar="K")
+    p.add_argument("--result-ttl", type=_positive, default=defaults.RESULT_TTL, metavar="S")
+    p.add_argument(
+        "--max-envelope-bytes", type=int, default=defaults.MAX_ENVELOPE_BYTES, metavar="B"
+    )
 
 
 def _timings(args: argparse.Namespace) -> Timings:
@@ -68,6 +88,7 @@ def _timings(args: argparse.Namespace) -> Timings:
         call_timeout=args.call_timeout,
         heartbeat_interval=args.heartbeat_interval,
         fence_margin=args.fence_margin,
+        health_grace=args.health_grace,
         take_block=args.take_block,
     )
 
@@ -85,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(up)
     up.add_argument("--slots", type=_count, required=True, metavar="N", help="the API's limit")
     _add_slot_options(up)
-    up.add_argument("--liveness-window", type=_positive, default=3.0, metavar="S")
-    up.add_argument("--max-queue-length", type=_count, default=0, metavar="L")
+    up.add_argument(
+        "--liveness-window", type=_positive, default=defaults.LIVENESS_WINDOW, metavar="S"
+    )
+    up.add_argument(
+        "--max-queue-length", type=_count, default=defaults.MAX_QUEUE_LENGTH, metavar="L"
+    )
     up.add_argument("--log-dir", default=None, help="write slot logs here instead of stderr")
 
     slot = sub.add_parser("slot", help="run one slot worker in this process")
@@ -94,9 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     slot.add_argument("--slot", type=_count, required=True, metavar="I")
     _add_slot_options(slot)
     slot.add_argument("--health-host", default="127.0.0.1")
-    slot.add_argument("--health-port", type=_count, default=8080)
+    slot.add_argument("--health-port", type=_count, default=defaults.HEALTH_PORT)
     slot.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    slot.add_argument("--max-envelope-bytes", type=int, default=1 << 20)
 
     submit = sub.add_parser("submit", help="queue one job; print its id (or its result)")
     _add_redis(submit)
@@ -159,6 +183,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timings=_timings(args),
         max_attempts=args.max_attempts,
         result_ttl=args.result_ttl,
+        max_envelope_bytes=args.max_envelope_bytes,
         max_queue_length=args.max_queue_length,
         liveness_window=args.liveness_window,
         log_dir=args.log_dir,
@@ -167,10 +192,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return asyncio.run(Supervisor(settings).run())
 
 
-def _cmd_slot(args: argparse.Namespace) -> int:
-    from .slot import run_slot
-
-    settings = SlotSettings(
+def slot_settings(args: argparse.Namespace) -> SlotSettings:
+    """The settings ``apipool slot`` runs with (the inverse of SlotSettings.to_argv)."""
+    return SlotSettings(
         redis_url=_need_redis(args),
         pool=args.pool,
         slot=args.slot,
@@ -183,7 +207,12 @@ def _cmd_slot(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         parent_pid=args.parent_pid,
     )
-    return run_slot(settings)
+
+
+def _cmd_slot(args: argparse.Namespace) -> int:
+    from .slot import run_slot
+
+    return run_slot(slot_settings(args))
 
 
 def _print(doc: Any) -> None:
@@ -203,18 +232,22 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         job_id = client.submit(payload, deadline=deadline, handler=args.handler)
         if args.wait is None:
             print(job_id)
-            return 0
-        _print(client.wait(job_id, args.wait).__dict__)
-    return 0
+            return ExitCode.OK
+        return _print_result(client, job_id, args.wait)
+
+
+def _print_result(client: Any, job_id: str, timeout: float) -> int:
+    """Print a job's result record; the exit code follows its status."""
+    record = client.wait(job_id, timeout)
+    _print(record.__dict__)
+    return for_outcome(record.status)
 
 
 def _cmd_result(args: argparse.Namespace) -> int:
     from .client import Client
 
     with Client(_need_redis(args), args.pool) as client:
-        record = client.wait(args.job_id, args.timeout)
-    _print(record.__dict__)
-    return 0 if record.status == "ok" else 1
+        return _print_result(client, args.job_id, args.timeout)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -254,7 +287,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_standin(args: argparse.Namespace) -> int:
-    from .standin import StandInApi
+    from .testing.standin import StandInApi
 
     async def serve() -> None:
         api = StandInApi(args.limit, host=args.host, port=args.port, default_ms=args.ms)
@@ -263,7 +296,7 @@ def _cmd_standin(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 nothing else would stop it
             loop.add_signal_handler(sig, stop.set)
         async with api:
-            logging.getLogger("apipool.standin").info(
+            logging.getLogger("apipool.testing.standin").info(
                 "stand-in API limited to %d connections on %s (GET /work?ms=, GET /stats)",
                 args.limit,
                 api.url,
@@ -299,12 +332,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )
     try:
-        return COMMANDS[args.command](args)
+        return int(COMMANDS[args.command](args))
     except ApipoolError as exc:
         print(f"apipool: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except redis.exceptions.ConnectionError as exc:
-        print(f"apipool: error: cannot reach Redis: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return for_error(exc)
+    except redis.exceptions.RedisError as exc:  # ConnectionError, TimeoutError, ...
+        print(f"apipool: error: Redis: {exc}", file=sys.stderr)
+        return ExitCode.REDIS_UNAVAILABLE
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"apipool: error: 'apipool {args.command}' needs {exc.name}: "
+            f"pip install 'apipool[{extra}]'",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED

@@ -15,13 +15,8 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from .envelope import (
-    DEFAULT_MAX_ENVELOPE_BYTES,
-    STATUS_DEAD,
-    STATUS_EXPIRED,
-    STATUS_OK,
-    make_envelope,
-)
+from . import defaults
+from .envelope import make_envelope
 from .errors import (
     EnvelopeError,
     JobExpired,
@@ -30,7 +25,7 @@ from .errors import (
     RedisUnavailable,
     ResultTimeout,
 )
-from .layout import SUBMIT_SCRIPT, PoolKeys
+from .protocol import Outcome, PoolProtocol
 from .settings import check_pool_name
 
 
@@ -63,11 +58,11 @@ class JobResult:
 
     def value(self) -> Any:
         """The handler's return value; raise JobFailed/JobExpired otherwise."""
-        if self.status == STATUS_OK:
+        if self.status == Outcome.OK:
             return self.result
-        if self.status == STATUS_EXPIRED:
+        if self.status == Outcome.EXPIRED:
             raise JobExpired(self.id, self.error or "deadline passed", self.attempt)
-        if self.status == STATUS_DEAD:
+        if self.status == Outcome.DEAD:
             raise JobFailed(self.id, self.error or "dead-lettered", self.attempt)
         raise JobFailed(self.id, f"unknown result status {self.status!r}", self.attempt)
 
@@ -80,15 +75,15 @@ class Client:
         redis_url: str,
         pool: str,
         *,
-        max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+        max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES,
         socket_timeout: float = 5.0,
     ) -> None:
         self.pool = check_pool_name(pool)
-        self.keys = PoolKeys(pool)
+        self.protocol = PoolProtocol(pool)
+        self.keys = self.protocol.keys
         self.max_envelope_bytes = max_envelope_bytes
         self._socket_timeout = socket_timeout
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=socket_timeout)
-        self._submit = self._redis.register_script(SUBMIT_SCRIPT)
 
     def close(self) -> None:
         self._redis.close()
@@ -113,14 +108,11 @@ class Client:
 
     def _push(self, raws: list[str]) -> None:
         try:
-            answer = int(
-                self._submit(keys=[self.keys.queue, self.keys.config, self.keys.stats], args=raws)
-            )
+            answer = self.protocol.submit(raws).run(self._redis)
         except RedisError as exc:
             raise RedisUnavailable(f"submitting to pool {self.pool!r} failed: {exc}") from exc
-        if answer < 0:
-            limit = self.max_queue_length()
-            raise QueueFull(self.pool, depth=-1 - answer, limit=limit)
+        if not answer.accepted:
+            raise QueueFull(self.pool, depth=answer.depth, limit=self.max_queue_length())
 
     def submit(
         self, payload: Any, *, deadline: float | None = None, handler: str | None = None

@@ -1,13 +1,13 @@
 """``apipool demo``: a real pool against a limited stand-in API, watched live.
 
-The demo runs :func:`apipool.harness.run_scenario` (a throwaway ``redis-server``,
+The demo runs :func:`apipool.testing.harness.run_scenario` (a throwaway ``redis-server``,
 the stand-in API with a hard limit of N, N slot processes and producers that keep
 work queued; with ``--chaos`` slots are SIGKILLed and SIGSTOPped at random) and
 shows a live panel while it runs, then a summary and a verdict. The exit code is
 0 only when the cap held and no job was lost, so the demo doubles as a smoke check.
 
 Everything that decides what is shown is a small pure function of a
-:class:`~apipool.harness.Snapshot` or :class:`~apipool.harness.ScenarioResult`, so
+:class:`~apipool.testing.harness.Snapshot` or :class:`~apipool.testing.harness.ScenarioResult`, so
 the tests can call it without running anything.
 """
 
@@ -43,8 +43,15 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import ApipoolError
-from .harness import FAULT_KINDS, ChaosPlan, Scenario, ScenarioResult, Snapshot, run_scenario
-from .redis_server import RedisServer
+from .testing.harness import (
+    FAULT_KINDS,
+    ChaosPlan,
+    Scenario,
+    ScenarioResult,
+    Snapshot,
+    run_scenario,
+)
+from .testing.redis_server import RedisServer
 
 __all__ = [
     "BAR_WIDTH",

@@ -16,19 +16,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import defaults
 from .errors import EnvelopeError
+from .protocol import Outcome
 
 ENVELOPE_FIELDS = frozenset(
     {"id", "payload", "submitted_at", "attempt", "deadline", "reply_to", "handler", "meta"}
 )
 REQUIRED_FIELDS = ("id", "payload", "submitted_at", "attempt")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-DEFAULT_MAX_ENVELOPE_BYTES = 1 << 20
-
-# Outcomes of a job, as written in the result record's ``status``.
-STATUS_OK = "ok"
-STATUS_EXPIRED = "expired"
-STATUS_DEAD = "dead"
 
 
 def new_job_id() -> str:
@@ -139,7 +135,7 @@ def _check_fields(env: Envelope) -> None:
         raise EnvelopeError("field 'meta' must be an object or null")
 
 
-def parse_envelope(raw: str | bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> Envelope:
+def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_BYTES) -> Envelope:
     """Parse and validate a raw envelope; raise EnvelopeError with the reason."""
     size = len(raw.encode() if isinstance(raw, str) else raw)
     if size > max_bytes:
@@ -191,7 +187,7 @@ def salvage_id(raw: str | bytes) -> str | None:
 def result_record(
     *,
     job_id: str,
-    status: str,
+    status: Outcome,
     attempt: int,
     slot: int,
     result: Any = None,
@@ -203,7 +199,7 @@ def result_record(
     ``result`` is not JSON (an object, NaN, ...)."""
     doc: dict[str, Any] = {
         "id": job_id,
-        "status": status,
+        "status": status.value,
         "attempt": attempt,
         "slot": slot,
         "result": result,

@@ -1,7 +1,9 @@
 """The Redis key layout of a pool and every atomic step on it.
 
-This module is the one place that names Redis keys and holds the Lua scripts.
-Everything else goes through :class:`PoolKeys` and the ``*_SCRIPT`` constants.
+This module is the one place that names Redis keys and holds the Lua scripts;
+``protocol.py`` is the only code that runs the scripts (typed, KEYS and ARGV in
+the order each header below gives). Everything else goes through
+:class:`PoolKeys` and :class:`apipool.protocol.PoolProtocol`.
 
 Keys of pool ``P`` (the ``{P}`` hash tag would keep a pool on one Redis Cluster slot;
 today's clients connect to one Redis endpoint, without Cluster or Sentinel discovery)
@@ -35,8 +37,9 @@ today's clients connect to one Redis endpoint, without Cluster or Sentinel disco
                                 envelope, slot, attempt, failed_at), newest left.
 ``apipool:{P}:stats``           HASH of counters: ``submitted`` (by the submit
                                 script; a plain ``LPUSH`` producer is not counted),
-                                ``ok``, ``expired``, ``dead``, ``retried``,
-                                ``recovered``, ``busy_ms`` (handler time of
+                                one per :class:`apipool.protocol.Outcome`
+                                (``ok``, ``expired``, ``dead``, ``retried``,
+                                ``recovered``), ``busy_ms`` (handler time of
                                 finished calls).
 ``apipool:{P}:config``          HASH of pool settings read by producers:
                                 ``max_queue_length`` (0 or absent: unbounded),
@@ -114,6 +117,13 @@ class PoolKeys:
     @property
     def inflight_pattern(self) -> str:
         return f"{self.base}:inflight:*"
+
+    def slot_of(self, key: bytes | str) -> int | None:
+        """The slot index of one of this pool's in-flight keys, else None."""
+        text = key.decode(errors="replace") if isinstance(key, bytes) else key
+        prefix = f"{self.base}:inflight:"
+        tail = text[len(prefix) :] if text.startswith(prefix) else ""
+        return int(tail) if tail.isascii() and tail.isdigit() and str(int(tail)) == tail else None
 
     @property
     def lease_pattern(self) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("ok", "retry", "dead", "expired", "timeout", "malformed")
+from .protocol import Outcome
+
+FAILURE_CAUSES = ("error", "timeout", "malformed", "unknown handler")
+"""Why a job did not succeed (label ``cause`` of apipool_failures_total)."""
 
 
 class SlotMetrics:
@@ -14,12 +17,20 @@ class SlotMetrics:
         self._labels = labels
         self.calls = Counter(
             "apipool_calls",
-            "Jobs finished by this slot, by outcome (ok, retry, dead, expired, timeout, malformed)",
+            "Jobs this slot was done with, by outcome (ok, expired, dead, retried, recovered)",
             ["pool", "slot", "outcome"],
             registry=self.registry,
         )
-        for outcome in OUTCOMES:
-            self.calls.labels(outcome=outcome, **labels)
+        for outcome in Outcome:
+            self.calls.labels(outcome=outcome.value, **labels)
+        self.failures = Counter(
+            "apipool_failures",
+            "Jobs that did not succeed here, by cause (error, timeout, malformed, unknown handler)",
+            ["pool", "slot", "cause"],
+            registry=self.registry,
+        )
+        for cause in FAILURE_CAUSES:
+            self.failures.labels(cause=cause, **labels)
         self.busy_seconds = Counter(
             "apipool_busy_seconds",
             "Seconds this slot spent inside handler calls",
@@ -59,5 +70,8 @@ class SlotMetrics:
             registry=self.registry,
         ).labels(**labels)
 
-    def outcome(self, name: str) -> None:
-        self.calls.labels(outcome=name, **self._labels).inc()
+    def outcome(self, outcome: Outcome, *, cause: str | None = None) -> None:
+        """Count a job's outcome here, and why it failed when it did."""
+        self.calls.labels(outcome=outcome.value, **self._labels).inc()
+        if cause is not None:
+            self.failures.labels(cause=cause, **self._labels).inc()

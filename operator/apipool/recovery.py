@@ -2,6 +2,8 @@
 
 The slot applies it at start to what its predecessor left; the operator applies
 it to the in-flight lists of slots that no longer exist (scale-down, deleted pods).
+Both run the :class:`~apipool.protocol.Step` that :func:`recovery_step` returns,
+so a job is recovered by the same rule wherever its holder went.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .envelope import (
-    STATUS_DEAD,
     Envelope,
     dead_letter_entry,
     parse_envelope,
@@ -17,7 +18,7 @@ from .envelope import (
     salvage_id,
 )
 from .errors import EnvelopeError
-from .layout import PoolKeys
+from .protocol import Finished, Outcome, PoolProtocol, Step
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,6 @@ class Recovery:
     dead: DeadLetter | None
 
 
-def reply_to_problem(env: Envelope, keys: PoolKeys) -> str | None:
-    if env.reply_to is not None and not env.reply_to.startswith(keys.reply_prefix):
-        return f"reply_to must be a key under {keys.reply_prefix!r}"
-    return None
-
-
 def dead_letter(raw: bytes, reason: str, *, env: Envelope | None, slot: int) -> DeadLetter:
     job_id = env.id if env else salvage_id(raw)
     attempt = env.attempt if env else None
@@ -53,7 +48,7 @@ def dead_letter(raw: bytes, reason: str, *, env: Envelope | None, slot: int) -> 
         reason=reason,
         reply_to=env.reply_to if env else None,
         record=result_record(
-            job_id=job_id or "", status=STATUS_DEAD, attempt=attempt or 0, slot=slot, error=reason
+            job_id=job_id or "", status=Outcome.DEAD, attempt=attempt or 0, slot=slot, error=reason
         ),
         entry=dead_letter_entry(
             raw=raw.decode(errors="replace"),
@@ -65,15 +60,39 @@ def dead_letter(raw: bytes, reason: str, *, env: Envelope | None, slot: int) -> 
     )
 
 
+def dead_letter_step(
+    proto: PoolProtocol,
+    slot: int,
+    raw: bytes,
+    dead: DeadLetter,
+    *,
+    ttl_ms: int,
+    busy_ms: int = 0,
+    take_next: bool = False,
+) -> Step[Finished]:
+    """The COMPLETE step that writes ``dead`` as the job's one outcome."""
+    return proto.complete(
+        slot,
+        raw,
+        result_key=proto.result_key(dead.job_id, dead.reply_to),
+        record=dead.record,
+        ttl_ms=ttl_ms,
+        outcome=Outcome.DEAD,
+        busy_ms=busy_ms,
+        dead_entry=dead.entry,
+        take_next=take_next,
+    )
+
+
 def recover(
-    raw: bytes, *, keys: PoolKeys, slot: int, max_attempts: int, max_bytes: int, why: str
+    raw: bytes, *, proto: PoolProtocol, slot: int, max_attempts: int, max_bytes: int, why: str
 ) -> Recovery:
     """Retry a job whose holder is gone (it may have called the API, so that
     costs an attempt), or dead-letter it after its last attempt. ``why`` says
     how the holder went, e.g. ``slot died`` or ``slot removed``."""
     try:
         env = parse_envelope(raw, max_bytes=max_bytes)
-        problem = reply_to_problem(env, keys)
+        problem = proto.reply_to_problem(env.reply_to)
         if problem:
             raise EnvelopeError(problem)
         retry = env.next_attempt().to_json()
@@ -85,3 +104,13 @@ def recover(
         reason = f"{why} during attempt {env.attempt} of {max_attempts}"
         return Recovery(env, None, dead_letter(raw, reason, env=env, slot=slot))
     return Recovery(env, retry, None)
+
+
+def recovery_step(
+    proto: PoolProtocol, slot: int, raw: bytes, recovery: Recovery, *, ttl_ms: int
+) -> Step[Finished]:
+    """The step that applies ``recovery`` to ``raw`` in slot ``slot``'s in-flight list."""
+    if recovery.retry is not None:
+        return proto.requeue(slot, raw, recovery.retry, front=True, outcome=Outcome.RECOVERED)
+    assert recovery.dead is not None
+    return dead_letter_step(proto, slot, raw, recovery.dead, ttl_ms=ttl_ms)

@@ -7,6 +7,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from . import defaults
 from .errors import ConfigError
 
 ENV_REDIS_URL = "APIPOOL_REDIS_URL"
@@ -36,15 +37,15 @@ def check_pool_name(pool: str) -> str:
 class Timings:
     """Time budget of a slot. All values in seconds."""
 
-    call_timeout: float = 10.0
+    call_timeout: float = defaults.CALL_TIMEOUT
     """Longest a single handler call may run before it is cancelled."""
-    fence_margin: float = 1.0
+    fence_margin: float = defaults.FENCE_MARGIN
     """A call starts only while the lease stays valid for call_timeout + fence_margin."""
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
     """How often the lease is renewed (and the liveness heartbeat ticks)."""
-    health_grace: float = 2.0
+    health_grace: float = defaults.HEALTH_GRACE
     """/healthz fails once a call has run longer than call_timeout + health_grace."""
-    take_block: float = 0.5
+    take_block: float = defaults.TAKE_BLOCK
     """How long one blocking take waits for a job before checking the lease again."""
 
     def __post_init__(self) -> None:
@@ -70,26 +71,28 @@ class Timings:
 class SlotSettings:
     """Everything one slot worker process needs."""
 
-    redis_url: str
-    """Redis holding the pool's queue, leases and results."""
     pool: str
     """Pool name: a DNS label, shared by the producers and all slots."""
     slot: int
     """Slot index, 0 <= slot < N. Only one live process may hold a slot."""
-    handlers: tuple[str, ...] = ("http",)
+    redis_url: str = ""
+    """Redis holding the pool's queue, leases and results. It reaches a slot
+    process through ``APIPOOL_REDIS_URL`` (it may hold a password), never its
+    command line; '' here means: not known to this process (a manifest)."""
+    handlers: tuple[str, ...] = (defaults.HANDLER,)
     """Handler specs: ``http``, ``module:function`` or ``name=module:function``; the
     first serves jobs that name no handler."""
     timings: Timings = field(default_factory=Timings)
-    max_attempts: int = 3
+    max_attempts: int = defaults.MAX_ATTEMPTS
     """A job is dead-lettered after failing this many attempts."""
-    result_ttl: float = 3600.0
+    result_ttl: float = defaults.RESULT_TTL
     """Seconds a result stays readable."""
-    max_envelope_bytes: int = 1 << 20
+    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
     """Larger envelopes are dead-lettered unread."""
     owner: str = field(default_factory=default_owner)
     """Stable identity of whatever restarts this process (pod UID, supervisor id)."""
     health_host: str = "127.0.0.1"
-    health_port: int = 0
+    health_port: int = defaults.HEALTH_PORT
     """Port of /healthz, /readyz, /metrics; 0 picks a free one."""
     parent_pid: int | None = None
     """Stop gracefully when this parent process is gone (local supervisor)."""
@@ -108,3 +111,29 @@ class SlotSettings:
             raise ConfigError("max_envelope_bytes must be >= 256")
         if "/" in self.owner:
             raise ConfigError(f"owner {self.owner!r} must not contain '/'")
+
+    def to_argv(self) -> list[str]:
+        """The ``apipool slot ...`` arguments that run these settings. The Redis
+        URL and the owner travel in the environment (``APIPOOL_REDIS_URL``,
+        ``APIPOOL_OWNER``): a command line is visible to every local user."""
+        t = self.timings
+        argv = [
+            "slot",
+            "--pool", self.pool,
+            "--slot", str(self.slot),
+            "--call-timeout", f"{t.call_timeout:g}",
+            "--heartbeat-interval", f"{t.heartbeat_interval:g}",
+            "--fence-margin", f"{t.fence_margin:g}",
+            "--health-grace", f"{t.health_grace:g}",
+            "--take-block", f"{t.take_block:g}",
+            "--max-attempts", str(self.max_attempts),
+            "--result-ttl", f"{self.result_ttl:g}",
+            "--max-envelope-bytes", str(self.max_envelope_bytes),
+            "--health-host", self.health_host,
+            "--health-port", str(self.health_port),
+        ]  # fmt: skip
+        for spec in self.handlers:
+            argv += ["--handler", spec]
+        if self.parent_pid is not None:
+            argv += ["--parent-pid", str(self.parent_pid)]
+        return argv

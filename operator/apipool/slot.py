@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -39,33 +39,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .envelope import (
-    STATUS_EXPIRED,
-    STATUS_OK,
-    Envelope,
-    parse_envelope,
-    result_record,
-)
+from .envelope import Envelope, parse_envelope, result_record
 from .errors import EnvelopeError
-from .handlers import Call, Handler, close_http_session, load_handlers
-from .layout import (
-    ACQUIRE_SCRIPT,
-    COMPLETE_SCRIPT,
-    RELEASE_SCRIPT,
-    RENEW_SCRIPT,
-    REQUEUE_SCRIPT,
-    PoolKeys,
-)
+from .exitcodes import ExitCode
+from .handlers import Call, Handler, load_handlers
+from .http_handler import close_http_session
 from .metrics import SlotMetrics
-from .recovery import DeadLetter, dead_letter, recover, reply_to_problem
+from .protocol import FinishCode, Finished, LeaseCode, Outcome, PoolProtocol, Step
+from .recovery import DeadLetter, dead_letter, dead_letter_step, recover, recovery_step
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
 T = TypeVar("T")
 
-EXIT_OK = 0
-EXIT_OVERRUN = 3  # a sync handler overran its timeout; its thread cannot be stopped
-EXIT_STUCK = 4  # a stop did not finish within its bound
+EXIT_OK = ExitCode.OK
+EXIT_OVERRUN = ExitCode.SLOT_OVERRUN  # a sync handler overran its timeout
+EXIT_STUCK = ExitCode.SLOT_STUCK  # a stop did not finish within its bound
 
 
 def _client(url: str, timeout: float | None) -> aioredis.Redis:
@@ -85,7 +74,8 @@ class SlotWorker:
     def __init__(self, settings: SlotSettings, handlers: dict[str, Handler] | None = None):
         self.settings = settings
         self.timings = settings.timings
-        self.keys = PoolKeys(settings.pool)
+        self.proto = PoolProtocol(settings.pool)
+        self.keys = self.proto.keys
         self.handlers = handlers if handlers is not None else load_handlers(settings.handlers)
         self.metrics = SlotMetrics(settings.pool, settings.slot)
         self.token = f"{settings.owner}/{uuid.uuid4().hex}"
@@ -111,11 +101,6 @@ class SlotWorker:
         t = self.timings
         self.ctl = _client(settings.redis_url, t.heartbeat_interval)
         self.work = _client(settings.redis_url, t.take_block + 5.0)
-        self._acquire = self.ctl.register_script(ACQUIRE_SCRIPT)
-        self._renew = self.ctl.register_script(RENEW_SCRIPT)
-        self._release = self.ctl.register_script(RELEASE_SCRIPT)
-        self._complete = self.work.register_script(COMPLETE_SCRIPT)
-        self._requeue = self.work.register_script(REQUEUE_SCRIPT)
 
     # -- lease ------------------------------------------------------------------
 
@@ -131,26 +116,26 @@ class SlotWorker:
         ttl_ms = int(self.timings.lease_ttl * 1000)
         sent = time.monotonic()
         try:
+            slot = self.settings.slot
             if self.lease_held:
-                if await self._renew(keys=[self.lease_key], args=[self.token, ttl_ms]):
+                if await self.proto.renew(slot, self.token, ttl_ms).arun(self.ctl):
                     self.lease_valid_until = sent + self.timings.lease_ttl
                 else:
                     self._lose_lease("the lease was gone or taken at renewal")
             else:
-                code, holder, pttl = await self._acquire(
-                    keys=[self.lease_key],
-                    args=[self.token, f"{self.settings.owner}/", ttl_ms],
-                )
-                if int(code) > 0:
-                    self._gain_lease(int(code), holder)
+                answer = await self.proto.acquire(
+                    slot, self.token, self.settings.owner, ttl_ms
+                ).arun(self.ctl)
+                if answer.held:
+                    self._gain_lease(answer.code, answer.holder)
                     self.lease_valid_until = sent + self.timings.lease_ttl
                 elif not self._waiting_logged:
                     self._waiting_logged = True
                     log.info(
                         "slot %d is held by %s for up to %d ms more; waiting",
-                        self.settings.slot,
-                        holder.decode(errors="replace"),
-                        int(pttl),
+                        slot,
+                        answer.holder,
+                        answer.pttl_ms,
                     )
             await self._check_pool_size()
             self.redis_ok = True
@@ -174,15 +159,13 @@ class SlotWorker:
                 )
             self.surplus = surplus
 
-    def _gain_lease(self, code: int, previous: bytes) -> None:
+    def _gain_lease(self, code: LeaseCode, previous: str) -> None:
         self.lease_held = True
         self.lease_epoch += 1
         self._waiting_logged = False
-        if code == 3:
+        if code == LeaseCode.TAKEN_OVER:
             log.info(
-                "slot %d: took over the lease of dead predecessor %s",
-                self.settings.slot,
-                previous.decode(errors="replace"),
+                "slot %d: took over the lease of dead predecessor %s", self.settings.slot, previous
             )
         else:
             log.info("slot %d: lease acquired", self.settings.slot)
@@ -241,6 +224,10 @@ class SlotWorker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def _run_step(self, what: str, step: Step[Finished]) -> FinishCode | None:
+        """Run a COMPLETE or REQUEUE step until Redis takes it; keep the next job it took."""
+        return self._took(await self._persist(what, lambda: step.arun(self.work)))
+
     async def _finish(
         self,
         raw: bytes,
@@ -248,38 +235,31 @@ class SlotWorker:
         job_id: str | None,
         reply_to: str | None,
         record: str,
-        counter: str,
+        outcome: Outcome,
         busy_ms: int = 0,
-        dead_entry: str = "",
         take_next: bool = False,
     ) -> bool:
-        result_key = reply_to or (self.keys.result(job_id) if job_id else "")
-        ttl_ms = int(self.settings.result_ttl * 1000)
-        take = "1" if take_next and self._may_take_next() else ""
-        answer = await self._persist(
-            f"completing job {job_id}",
-            lambda: self._complete(
-                keys=[
-                    self.inflight_key,
-                    result_key,
-                    self.keys.stats,
-                    self.keys.dead,
-                    self.keys.queue,
-                ],
-                args=[raw, record, ttl_ms, counter, busy_ms, dead_entry, take],
-            ),
+        step = self.proto.complete(
+            self.settings.slot,
+            raw,
+            result_key=self.proto.result_key(job_id, reply_to),
+            record=record,
+            ttl_ms=self._ttl_ms,
+            outcome=outcome,
+            busy_ms=busy_ms,
+            take_next=take_next and self._may_take_next(),
         )
-        done = self._took(answer)
-        if done == -1 and reply_to:
+        done = await self._run_step(f"completing job {job_id}", step)
+        if done == FinishCode.WRONG_TYPE and reply_to:
             # The producer's reply_to key holds another type: answer at the
             # default result key instead, as a dead letter that says why.
             reason = f"reply_to key {reply_to!r} is not a list"
             dead = dead_letter(raw, reason, env=None, slot=self.settings.slot)
             await self._write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next)
             return False
-        if done == 0:
+        if done == FinishCode.GONE:
             log.warning("job %s was no longer in flight here; outcome not written", job_id)
-        return done == 1
+        return done == FinishCode.DONE
 
     def _may_take_next(self) -> bool:
         """Take the next job along with an outcome only while a call could start."""
@@ -290,14 +270,17 @@ class SlotWorker:
             and self.lease_ok_for(t.call_timeout + t.fence_margin + t.take_block)
         )
 
-    def _took(self, answer: Any) -> int | None:
-        """Read a COMPLETE or REQUEUE answer ``[code, next]``; keep ``next``."""
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.settings.result_ttl * 1000)
+
+    def _took(self, answer: Finished | None) -> FinishCode | None:
+        """Read a COMPLETE or REQUEUE answer; keep the next job it took."""
         if answer is None:
             return None
-        code, nxt = answer
-        if nxt is not None:
-            self._next = nxt
-        return int(code)
+        if answer.next is not None:
+            self._next = answer.next
+        return answer.code
 
     async def _dead_letter(
         self,
@@ -319,16 +302,16 @@ class SlotWorker:
         self, raw: bytes, dead: DeadLetter, *, busy_ms: int = 0, take_next: bool = False
     ) -> None:
         log.warning("dead-lettering job %s: %s", dead.job_id, dead.reason)
-        await self._finish(
+        step = dead_letter_step(
+            self.proto,
+            self.settings.slot,
             raw,
-            job_id=dead.job_id,
-            reply_to=dead.reply_to,
-            record=dead.record,
-            counter="dead",
+            dead,
+            ttl_ms=self._ttl_ms,
             busy_ms=busy_ms,
-            dead_entry=dead.entry,
-            take_next=take_next,
+            take_next=take_next and self._may_take_next(),
         )
+        await self._run_step(f"dead-lettering job {dead.job_id}", step)
 
     async def _requeue_job(
         self,
@@ -336,18 +319,18 @@ class SlotWorker:
         new_raw: str | bytes,
         *,
         front: bool,
-        counter: str,
+        outcome: Outcome | None,
         take_next: bool = False,
     ) -> bool:
-        take = "1" if take_next and self._may_take_next() else ""
-        answer = await self._persist(
-            "requeueing a job",
-            lambda: self._requeue(
-                keys=[self.inflight_key, self.keys.queue, self.keys.stats],
-                args=[raw, new_raw, "front" if front else "back", counter, take],
-            ),
+        step = self.proto.requeue(
+            self.settings.slot,
+            raw,
+            new_raw,
+            front=front,
+            outcome=outcome,
+            take_next=take_next and self._may_take_next(),
         )
-        return self._took(answer) == 1
+        return await self._run_step("requeueing a job", step) == FinishCode.DONE
 
     # -- typed Redis reads (redis-py's stubs allow str replies; ours are bytes) --
 
@@ -375,26 +358,29 @@ class SlotWorker:
         items = await self._persist("reading the in-flight list", self._inflight_items) or []
         for raw in items:
             if not predecessor:
-                await self._requeue_job(raw, raw, front=True, counter="")
+                await self._requeue_job(raw, raw, front=True, outcome=None)
                 continue
             s = self.settings
             outcome = recover(
                 raw,
-                keys=self.keys,
+                proto=self.proto,
                 slot=s.slot,
                 max_attempts=s.max_attempts,
                 max_bytes=s.max_envelope_bytes,
                 why="slot died",
             )
-            if outcome.retry is not None and outcome.env is not None:
+            if outcome.dead is not None:
+                log.warning("dead-lettering job %s: %s", outcome.dead.job_id, outcome.dead.reason)
+            elif outcome.env is not None:
                 log.info(
                     "recovered job %s left in flight (attempt %d)",
                     outcome.env.id,
                     outcome.env.attempt,
                 )
-                await self._requeue_job(raw, outcome.retry, front=True, counter="recovered")
-            elif outcome.dead is not None:
-                await self._write_dead(raw, outcome.dead)
+            await self._run_step(
+                "recovering a job",
+                recovery_step(self.proto, s.slot, raw, outcome, ttl_ms=self._ttl_ms),
+            )
 
     # -- the work loop ----------------------------------------------------------
 
@@ -432,7 +418,7 @@ class SlotWorker:
             if self.exit_code != EXIT_OK:
                 break
         if self._next is not None:  # taken, never started: back to the front
-            await self._requeue_job(self._next, self._next, front=True, counter="")
+            await self._requeue_job(self._next, self._next, front=True, outcome=None)
             self._next = None
 
     async def _process_guarded(self, raw: bytes, epoch: int) -> None:
@@ -441,7 +427,7 @@ class SlotWorker:
             await self.process(raw, epoch)
         except Exception as exc:  # a bug of ours or an input nobody foresaw
             log.exception("internal error on a job; dead-lettering it")
-            self.metrics.outcome("dead")
+            self.metrics.outcome(Outcome.DEAD)
             await self._dead_letter(raw, f"internal error handling this job: {exc!r}", env=None)
 
     async def process(self, raw: bytes, epoch: int) -> None:
@@ -449,12 +435,12 @@ class SlotWorker:
         try:
             env = parse_envelope(raw, max_bytes=s.max_envelope_bytes)
         except EnvelopeError as exc:
-            self.metrics.outcome("malformed")
+            self.metrics.outcome(Outcome.DEAD, cause="malformed")
             await self._dead_letter(raw, f"malformed envelope: {exc}", env=None, take_next=True)
             return
-        problem = reply_to_problem(env, self.keys)
+        problem = self.proto.reply_to_problem(env.reply_to)
         if problem:
-            self.metrics.outcome("malformed")
+            self.metrics.outcome(Outcome.DEAD, cause="malformed")
             await self._dead_letter(
                 raw,
                 f"malformed envelope: {problem}",
@@ -465,7 +451,7 @@ class SlotWorker:
         handler = self.handlers.get(env.handler or "")
         if handler is None:
             known = ", ".join(sorted(name for name in self.handlers if name))
-            self.metrics.outcome("dead")
+            self.metrics.outcome(Outcome.DEAD, cause="unknown handler")
             await self._dead_letter(
                 raw,
                 f"unknown handler {env.handler!r}; this pool serves: {known}",
@@ -474,19 +460,19 @@ class SlotWorker:
             )
             return
         if env.expired(time.time()):
-            self.metrics.outcome("expired")
+            self.metrics.outcome(Outcome.EXPIRED)
             await self._finish(
                 raw,
                 job_id=env.id,
                 reply_to=env.reply_to,
                 record=result_record(
                     job_id=env.id,
-                    status=STATUS_EXPIRED,
+                    status=Outcome.EXPIRED,
                     attempt=env.attempt,
                     slot=s.slot,
                     error="deadline passed before the call could start",
                 ),
-                counter="expired",
+                outcome=Outcome.EXPIRED,
                 take_next=True,
             )
             return
@@ -513,7 +499,7 @@ class SlotWorker:
                 log.warning("job taken before a lease loss is gone from in-flight; dropped here")
                 return False
             if self.stopping.is_set():
-                await self._requeue_job(raw, raw, front=True, counter="")
+                await self._requeue_job(raw, raw, front=True, outcome=None)
                 return False
             await self._wait_lease_change(t.heartbeat_interval)
 
@@ -534,14 +520,14 @@ class SlotWorker:
         self.metrics.busy.set(1)
         self.call_started = started = time.monotonic()
         failure: str | None = None
-        outcome = "ok"
+        cause = "error"
         record = ""
         try:
             async with asyncio.timeout(timeout):
                 result = await handler.run(env.payload, call)
             record = result_record(
                 job_id=env.id,
-                status=STATUS_OK,
+                status=Outcome.OK,
                 attempt=env.attempt,
                 slot=s.slot,
                 result=result,
@@ -549,7 +535,7 @@ class SlotWorker:
             )
         except TimeoutError:
             failure = f"call timed out after {timeout:g} s"
-            outcome = "timeout"
+            cause = "timeout"
             if not handler.is_async:
                 self.exit_code = EXIT_OVERRUN
         except Exception as exc:
@@ -562,18 +548,18 @@ class SlotWorker:
         busy_ms = int(busy * 1000)
 
         if failure is None:
-            self.metrics.outcome("ok")
+            self.metrics.outcome(Outcome.OK)
             await self._finish(
                 raw,
                 job_id=env.id,
                 reply_to=env.reply_to,
                 record=record,
-                counter="ok",
+                outcome=Outcome.OK,
                 busy_ms=busy_ms,
                 take_next=True,
             )
         elif env.attempt >= s.max_attempts:
-            self.metrics.outcome("dead" if outcome == "ok" else outcome)
+            self.metrics.outcome(Outcome.DEAD, cause=cause)
             await self._dead_letter(
                 raw,
                 f"attempt {env.attempt} of {s.max_attempts} failed: {failure}",
@@ -582,10 +568,14 @@ class SlotWorker:
                 take_next=True,
             )
         else:
-            self.metrics.outcome("retry" if outcome == "ok" else outcome)
+            self.metrics.outcome(Outcome.RETRIED, cause=cause)
             log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, failure)
             await self._requeue_job(
-                raw, env.next_attempt().to_json(), front=False, counter="retried", take_next=True
+                raw,
+                env.next_attempt().to_json(),
+                front=False,
+                outcome=Outcome.RETRIED,
+                take_next=True,
             )
         if self.exit_code == EXIT_OVERRUN:
             log.error("a sync handler overran its timeout; exiting so its connection dies with us")
@@ -686,7 +676,7 @@ class SlotWorker:
             await asyncio.gather(heartbeat, return_exceptions=True)
             if self.lease_held:
                 try:
-                    await self._release(keys=[self.lease_key], args=[self.token])
+                    await self.proto.release(self.settings.slot, self.token).arun(self.ctl)
                     log.info("slot %d: lease released", self.settings.slot)
                 except RedisError as exc:
                     log.warning("could not release the lease: %s", exc)

@@ -10,8 +10,10 @@ from redis.exceptions import RedisError
 
 from .errors import RedisUnavailable
 from .layout import PoolKeys
+from .protocol import Outcome
 
-COUNTERS = ("submitted", "ok", "expired", "dead", "retried", "recovered", "busy_ms")
+COUNTERS = ("submitted", *(o.value for o in Outcome), "busy_ms")
+"""The counters of a pool's stats hash: submissions, one per outcome, handler time."""
 
 
 @dataclass(frozen=True)

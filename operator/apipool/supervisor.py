@@ -32,13 +32,21 @@ from typing import IO
 import aiohttp
 import redis
 
+from . import defaults
 from .errors import ConfigError
 from .handlers import load_handlers
-from .redis_server import free_port
-from .settings import Timings, check_pool_name
+from .settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings, check_pool_name
 from .stats import write_pool_config
 
 log = logging.getLogger("apipool.supervisor")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (a slot's health port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,14 @@ class SupervisorSettings:
     redis_url: str
     pool: str
     slots: int
-    handlers: tuple[str, ...] = ("http",)
+    handlers: tuple[str, ...] = (defaults.HANDLER,)
     timings: Timings = field(default_factory=Timings)
-    max_attempts: int = 3
-    result_ttl: float = 3600.0
-    max_queue_length: int = 0
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    result_ttl: float = defaults.RESULT_TTL
+    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
+    max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     """Producers get QueueFull past this many queued jobs; 0: unbounded."""
-    liveness_window: float = 3.0
+    liveness_window: float = defaults.LIVENESS_WINDOW
     """A slot failing /healthz this long is killed and replaced."""
     probe_interval: float = 0.5
     probe_timeout: float = 0.5
@@ -136,25 +145,25 @@ class Supervisor:
 
     # -- process control ----------------------------------------------------------
 
+    def slot_settings(self, index: int, port: int) -> SlotSettings:
+        """What slot ``index`` runs with; its Redis URL travels in the environment."""
+        s = self.settings
+        return SlotSettings(
+            pool=s.pool,
+            slot=index,
+            handlers=s.handlers,
+            timings=s.timings,
+            max_attempts=s.max_attempts,
+            result_ttl=s.result_ttl,
+            max_envelope_bytes=s.max_envelope_bytes,
+            owner=self.owner,
+            health_port=port,
+            parent_pid=os.getpid(),
+        )
+
     def _command(self, slot: SlotProcess) -> list[str]:
-        s, t = self.settings, self.settings.timings
-        cmd = [
-            sys.executable, "-m", "apipool", "--log-level", s.log_level, "slot",
-            "--redis-url", s.redis_url,
-            "--pool", s.pool,
-            "--slot", str(slot.index),
-            "--call-timeout", str(t.call_timeout),
-            "--heartbeat-interval", str(t.heartbeat_interval),
-            "--fence-margin", str(t.fence_margin),
-            "--take-block", str(t.take_block),
-            "--max-attempts", str(s.max_attempts),
-            "--result-ttl", str(s.result_ttl),
-            "--health-port", str(slot.port),
-            "--parent-pid", str(os.getpid()),
-        ]  # fmt: skip
-        for spec in s.handlers:
-            cmd += ["--handler", spec]
-        return cmd
+        argv = self.slot_settings(slot.index, slot.port).to_argv()
+        return [sys.executable, "-m", "apipool", "--log-level", self.settings.log_level, *argv]
 
     def _log_file(self, slot: SlotProcess) -> IO[bytes] | None:
         if not self.settings.log_dir:
@@ -164,7 +173,7 @@ class Supervisor:
 
     async def _spawn(self, slot: SlotProcess) -> None:
         slot.port = free_port()
-        env = dict(os.environ, APIPOOL_OWNER=self.owner)
+        env = dict(os.environ, **{ENV_OWNER: self.owner, ENV_REDIS_URL: self.settings.redis_url})
         out = self._log_file(slot)
         try:
             slot.proc = await asyncio.create_subprocess_exec(

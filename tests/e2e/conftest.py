@@ -28,7 +28,7 @@ import pytest
 import redis
 import yaml
 
-from apipool.redis_server import free_port
+from apipool.testing.redis_server import free_port
 
 T = TypeVar("T")
 

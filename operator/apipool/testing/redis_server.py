@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,9 +28,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from apipool.errors import ConfigError, RedisUnavailable
+from ..supervisor import free_port
 
-__all__ = ["RedisServer", "RedisServerFailed", "RedisServerMissing", "free_port"]
+__all__ = [
+    "RedisServer",
+    "RedisServerError",
+    "RedisServerFailed",
+    "RedisServerMissing",
+    "free_port",
+]
 
 START_DEADLINE = 10.0
 """Seconds :meth:`RedisServer.start` waits for the first answer to PING."""
@@ -40,15 +45,11 @@ STOP_DEADLINE = 10.0
 """Seconds :meth:`RedisServer.stop` waits after SIGTERM before it sends SIGKILL."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+class RedisServerError(Exception):
+    """A throwaway redis-server could not be had (a test tool's error, not apipool's)."""
 
 
-class RedisServerMissing(ConfigError):
+class RedisServerMissing(RedisServerError):
     """The ``redis-server`` executable was not found."""
 
     def __init__(self, binary: str) -> None:
@@ -59,7 +60,7 @@ class RedisServerMissing(ConfigError):
         self.binary = binary
 
 
-class RedisServerFailed(RedisUnavailable):
+class RedisServerFailed(RedisServerError):
     """``redis-server`` did not come up; the message ends with its log tail."""
 
 

@@ -28,12 +28,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .envelope import make_envelope
-from .layout import SUBMIT_SCRIPT, PoolKeys
+from ..envelope import make_envelope
+from ..protocol import PoolProtocol
+from ..settings import Timings
+from ..supervisor import Supervisor, SupervisorSettings
 from .redis_server import RedisServer
-from .settings import Timings
 from .standin import OverLimitEvent, StandInApi
-from .supervisor import Supervisor, SupervisorSettings
 
 FAULT_KINDS = ("kill", "stop_short", "stop_long")
 
@@ -209,10 +209,10 @@ class _Run:
         self.s = scenario
         self.api = api
         self.pool = f"scenario-{uuid.uuid4().hex[:8]}"
-        self.keys = PoolKeys(self.pool)
+        self.protocol = PoolProtocol(self.pool)
+        self.keys = self.protocol.keys
         self.redis_url = redis_url
         self.r = _client(redis_url)
-        self.submit_script = self.r.register_script(SUBMIT_SCRIPT)
         self.rng = random.Random(scenario.seed)
         self.supervisor = Supervisor(
             SupervisorSettings(
@@ -263,10 +263,7 @@ class _Run:
                 if want > 0:
                     envs = [make_envelope(self._payload()) for _ in range(want)]
                     try:
-                        await self.submit_script(
-                            keys=[self.keys.queue, self.keys.config, self.keys.stats],
-                            args=[e.to_json() for e in envs],
-                        )
+                        await self.protocol.submit([e.to_json() for e in envs]).arun(self.r)
                     except RedisError:
                         self.uncertain.extend(e.id for e in envs)
                         raise

@@ -1,0 +1,43 @@
+"""Every default of a pool, defined once.
+
+The command line, the settings dataclasses, the supervisor, the operator's spec
+reader, the CRD's schema defaults and the chart's values all take their
+defaults from here; tests check that the CRD and the chart agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CALL_TIMEOUT: Final = 10.0
+"""Seconds a single handler call may run before it is cancelled."""
+HEARTBEAT_INTERVAL: Final = 1.0
+"""Seconds between lease renewals (and liveness heartbeats) of a slot."""
+FENCE_MARGIN: Final = 1.0
+"""A call starts only while the lease stays valid for call_timeout + this."""
+HEALTH_GRACE: Final = 2.0
+"""/healthz fails once a call has run this long past its timeout."""
+TAKE_BLOCK: Final = 0.5
+"""Seconds one blocking take waits for a job before the slot looks at its lease again."""
+MAX_ATTEMPTS: Final = 3
+"""A job is dead-lettered after this many failed attempts."""
+RESULT_TTL: Final = 3600
+"""Seconds a result stays readable."""
+MAX_ENVELOPE_BYTES: Final = 1 << 20
+"""Envelopes larger than this are dead-lettered unread (and refused by the client)."""
+MAX_QUEUE_LENGTH: Final = 0
+"""Producers get QueueFull past this many queued jobs; 0: unbounded."""
+HEALTH_PORT: Final = 8080
+"""Port of a slot's /healthz, /readyz and /metrics (a pod's; locally a free one)."""
+LIVENESS_WINDOW: Final = 3.0
+"""Seconds of failing /healthz before the local supervisor kills a slot."""
+LIVENESS_PERIOD: Final = 1
+"""Kubernetes: the liveness probe's periodSeconds."""
+LIVENESS_FAILURE_THRESHOLD: Final = 3
+"""Kubernetes: the liveness probe's failureThreshold (window = period x threshold)."""
+LIVENESS_TIMEOUT: Final = 1
+"""Kubernetes: the liveness probe's timeoutSeconds."""
+MAX_UNAVAILABLE: Final = 1
+"""Kubernetes: slots replaced at once during a rolling replacement."""
+HANDLER: Final = "http"
+"""The handler a pool serves when none is named."""

@@ -1,0 +1,279 @@
+"""The typed calling conventions of a pool's Redis protocol.
+
+``layout.py`` documents the keys and holds the Lua sources; this module is the
+only code that runs them. Each atomic step is a method of :class:`PoolProtocol`
+that returns a :class:`Step`: the script, its KEYS and ARGV in the order the
+script's header gives, and a parser for its reply. A step runs on a blocking
+client (``step.run(r)``: producers, the operator, stats) or an asyncio client
+(``await step.arun(r)``: the slot, the test harness)::
+
+    proto = PoolProtocol("billing")
+    answer = proto.submit([envelope_json]).run(redis_client)
+    finished = await proto.complete(0, raw, ...).arun(async_client)
+
+:class:`Outcome` is the one vocabulary of what became of a job: the counters in
+the stats hash, the slot's metrics, the result record's ``status`` and the
+dead-letter entries all use its values.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from . import layout
+from .layout import PoolKeys
+
+T = TypeVar("T")
+Arg = str | bytes | int | float
+
+__all__ = [
+    "RESULT_STATUSES",
+    "FinishCode",
+    "Finished",
+    "LeaseAnswer",
+    "LeaseCode",
+    "Outcome",
+    "PoolKeys",
+    "PoolProtocol",
+    "Script",
+    "Step",
+    "SubmitAnswer",
+]
+
+
+class Outcome(enum.StrEnum):
+    """What became of a job when a slot (or the operator) was done with it."""
+
+    OK = "ok"
+    """The call succeeded; the result record holds its return value."""
+    EXPIRED = "expired"
+    """The deadline passed before a call could start; nothing was called."""
+    DEAD = "dead"
+    """Dead-lettered: malformed, unknown handler, or out of attempts."""
+    RETRIED = "retried"
+    """An attempt failed; the job went back to the queue with attempt + 1."""
+    RECOVERED = "recovered"
+    """Found in flight of a holder that is gone; queued again with attempt + 1."""
+
+
+RESULT_STATUSES = frozenset({Outcome.OK, Outcome.EXPIRED, Outcome.DEAD})
+"""The outcomes a result record can carry (the others send the job round again)."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script, run by its SHA1 and loaded on first use."""
+
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+SUBMIT = Script("submit", layout.SUBMIT_SCRIPT)
+ACQUIRE = Script("acquire", layout.ACQUIRE_SCRIPT)
+RENEW = Script("renew", layout.RENEW_SCRIPT)
+RELEASE = Script("release", layout.RELEASE_SCRIPT)
+COMPLETE = Script("complete", layout.COMPLETE_SCRIPT)
+REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
+SCRIPTS = (SUBMIT, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
+
+
+@dataclass(frozen=True)
+class Step(Generic[T]):
+    """One atomic step: a script with its KEYS and ARGV, and its reply's parser."""
+
+    script: Script
+    keys: tuple[str, ...]
+    args: tuple[Arg, ...]
+    parse: Callable[[Any], T]
+
+    def run(self, r: redis.Redis) -> T:
+        """Run on a blocking client; Redis errors propagate as redis-py raises them."""
+        n = len(self.keys)
+        try:
+            reply = r.evalsha(self.script.sha, n, *self.keys, *self.args)
+        except NoScriptError:
+            reply = r.eval(self.script.source, n, *self.keys, *self.args)
+        return self.parse(reply)
+
+    async def arun(self, r: aioredis.Redis) -> T:
+        """Run on an asyncio client."""
+        n = len(self.keys)
+        try:
+            reply = await cast(Any, r.evalsha(self.script.sha, n, *self.keys, *self.args))
+        except NoScriptError:
+            reply = await cast(Any, r.eval(self.script.source, n, *self.keys, *self.args))
+        return self.parse(reply)
+
+
+@dataclass(frozen=True)
+class SubmitAnswer:
+    accepted: bool
+    """False: the batch would pass max_queue_length; nothing was pushed."""
+    depth: int
+    """Queue length after the push (accepted) or as it was (refused)."""
+
+
+class LeaseCode(enum.IntEnum):
+    REFUSED = 0
+    """Held by another owner; see holder and pttl_ms."""
+    ACQUIRED = 1
+    """The lease was free and is ours now."""
+    KEPT = 2
+    """It was ours already; renewed."""
+    TAKEN_OVER = 3
+    """Held by a dead predecessor of the same owner; ours now."""
+
+
+@dataclass(frozen=True)
+class LeaseAnswer:
+    code: LeaseCode
+    holder: str
+    """The holder before the call (ours, the predecessor's, or another's token)."""
+    pttl_ms: int
+
+    @property
+    def held(self) -> bool:
+        return self.code != LeaseCode.REFUSED
+
+
+class FinishCode(enum.IntEnum):
+    GONE = 0
+    """The envelope was no longer in the in-flight list: nothing written."""
+    DONE = 1
+    """The outcome was written (or the job requeued)."""
+    WRONG_TYPE = -1
+    """The result key holds something other than a list: nothing changed."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    code: FinishCode
+    next: bytes | None = None
+    """The next job, moved queue -> in-flight in the same step when asked."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _submit_answer(reply: Any) -> SubmitAnswer:
+    n = int(reply)
+    return SubmitAnswer(True, n) if n >= 0 else SubmitAnswer(False, -1 - n)
+
+
+def _lease_answer(reply: Any) -> LeaseAnswer:
+    code, holder, pttl = reply
+    return LeaseAnswer(LeaseCode(int(code)), _text(holder), int(pttl))
+
+
+def _finished(reply: Any) -> Finished:
+    code, nxt = reply
+    return Finished(FinishCode(int(code)), cast(bytes | None, nxt))
+
+
+def _flag(reply: Any) -> bool:
+    return bool(int(reply))
+
+
+@dataclass(frozen=True)
+class PoolProtocol:
+    """The atomic steps on pool ``pool``'s keys (see layout.py for each script)."""
+
+    pool: str
+    keys: PoolKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", PoolKeys(self.pool))
+
+    # -- rules ----------------------------------------------------------------
+
+    def result_key(self, job_id: str | None, reply_to: str | None = None) -> str:
+        """Where a job's outcome goes: its ``reply_to`` list, else its result key;
+        '' when neither is known (an envelope whose id cannot be read)."""
+        if reply_to:
+            return reply_to
+        return self.keys.result(job_id) if job_id else ""
+
+    def reply_to_problem(self, reply_to: str | None) -> str | None:
+        """Why a job's ``reply_to`` is refused, or None when it is acceptable."""
+        if reply_to is not None and not reply_to.startswith(self.keys.reply_prefix):
+            return f"reply_to must be a key under {self.keys.reply_prefix!r}"
+        return None
+
+    # -- steps ----------------------------------------------------------------
+
+    def submit(self, envelopes: Sequence[str | bytes]) -> Step[SubmitAnswer]:
+        """Push a batch, all or none, unless it would pass max_queue_length."""
+        k = self.keys
+        return Step(SUBMIT, (k.queue, k.config, k.stats), tuple(envelopes), _submit_answer)
+
+    def acquire(self, slot: int, token: str, owner: str, ttl_ms: int) -> Step[LeaseAnswer]:
+        """Take slot ``slot``'s lease (free, ours, or a dead predecessor's of ``owner``)."""
+        return Step(ACQUIRE, (self.keys.lease(slot),), (token, f"{owner}/", ttl_ms), _lease_answer)
+
+    def renew(self, slot: int, token: str, ttl_ms: int) -> Step[bool]:
+        """Extend the lease while it still holds ``token``; False once it is not ours."""
+        return Step(RENEW, (self.keys.lease(slot),), (token, ttl_ms), _flag)
+
+    def release(self, slot: int, token: str) -> Step[bool]:
+        """Delete the lease while it still holds ``token``."""
+        return Step(RELEASE, (self.keys.lease(slot),), (token,), _flag)
+
+    def complete(
+        self,
+        slot: int,
+        raw: bytes,
+        *,
+        result_key: str,
+        record: str,
+        ttl_ms: int,
+        outcome: Outcome,
+        busy_ms: int = 0,
+        dead_entry: str = "",
+        take_next: bool = False,
+    ) -> Step[Finished]:
+        """Write a job's one outcome if (and only if) it is still in slot's in-flight list."""
+        k = self.keys
+        return Step(
+            COMPLETE,
+            (k.inflight(slot), result_key, k.stats, k.dead, k.queue),
+            (raw, record, ttl_ms, outcome.value, busy_ms, dead_entry, "1" if take_next else ""),
+            _finished,
+        )
+
+    def requeue(
+        self,
+        slot: int,
+        raw: bytes,
+        new_raw: str | bytes,
+        *,
+        front: bool,
+        outcome: Outcome | None,
+        take_next: bool = False,
+    ) -> Step[Finished]:
+        """Move a job from slot's in-flight list back to the queue (front: taken next)."""
+        k = self.keys
+        return Step(
+            REQUEUE,
+            (k.inflight(slot), k.queue, k.stats),
+            (
+                raw,
+                new_raw,
+                "front" if front else "back",
+                outcome.value if outcome is not None else "",
+                "1" if take_next else "",
+            ),
+            _finished,
+        )
