@@ -47,8 +47,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from apipool.envelope import make_envelope
-from apipool.testing.harness import Scenario, ScenarioResult, run_scenario
 from apipool.layout import COMPLETE_SCRIPT, PoolKeys
+from apipool.testing.harness import Scenario, ScenarioResult, run_scenario
 from apipool.testing.redis_server import RedisServer
 from apipool.testing.standin import StandInThread
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from apipool.testing.polling import async_wait_for, wait_for
 from apipool.testing.redis_server import RedisServer, RedisServerMissing, free_port
+
+__all__ = ["ROOT", "SUBPROCESS_ENV", "async_wait_for", "wait_for"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_ENV = dict(
@@ -22,20 +24,6 @@ SUBPROCESS_ENV = dict(
     PYTHONPATH=os.pathsep.join([str(ROOT / "operator"), str(ROOT)]),
     PYTHONUNBUFFERED="1",
 )
-
-
-def wait_for(
-    predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = ""
-) -> object:
-    """Poll until predicate() is truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
