@@ -20,7 +20,7 @@
 # symlink to the base image's /usr/local/bin/python3.11.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-# -- builder: a wheel of the project, installed with its operator extra into /opt/venv
+# -- builder: a wheel of the project, installed with the slot and operator extras into /opt/venv
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -35,7 +35,7 @@ COPY operator ./operator
 
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install "$(ls /wheels/apipool-*.whl)[operator]" \
+ && /opt/venv/bin/pip install "$(ls /wheels/apipool-*.whl)[slot,operator]" \
  && /opt/venv/bin/pip uninstall --yes pip setuptools \
  && /opt/venv/bin/apipool --version
 

@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
+
+from apipool.settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The repository root: holds ``bench/`` and ``operator/apipool/``."""
@@ -67,19 +68,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **extra)
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.01) -> None:
-    """Poll ``check`` until it is true; raise TimeoutError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done within {timeout:g} s")
-        time.sleep(poll)
-
-
 class SlotSubprocess:
     """``python -m apipool slot`` as a child process, stopped with SIGTERM on exit.
 
-    It gets ``--parent-pid`` so it also stops by itself if this process dies, and
+    Its command line is :meth:`SlotSettings.to_argv`; the Redis URL and the owner
+    reach it through ``APIPOOL_REDIS_URL`` and ``APIPOOL_OWNER``. It gets
+    ``--parent-pid`` so it also stops by itself if this process dies, and
     logs (WARNING and up) to a temporary file shown when something goes wrong.
     """
 
@@ -93,18 +87,18 @@ class SlotSubprocess:
         call_timeout: float = 2.0,
         heartbeat_interval: float = 0.5,
     ) -> None:
-        self.cmd = [
-            sys.executable, "-m", "apipool", "--log-level", "WARNING", "slot",
-            "--redis-url", redis_url,
-            "--pool", pool,
-            "--slot", str(slot),
-            "--call-timeout", str(call_timeout),
-            "--heartbeat-interval", str(heartbeat_interval),
-            "--health-port", "0",
-            "--parent-pid", str(os.getpid()),
-        ]  # fmt: skip
-        for spec in handlers:
-            self.cmd += ["--handler", spec]
+        self.settings = SlotSettings(
+            pool=pool,
+            slot=slot,
+            redis_url=redis_url,
+            handlers=tuple(handlers),
+            timings=Timings(call_timeout=call_timeout, heartbeat_interval=heartbeat_interval),
+            owner=f"bench-{os.getpid()}",
+            health_port=0,
+            parent_pid=os.getpid(),
+        )
+        self.cmd = [sys.executable, "-m", "apipool", "--log-level", "WARNING"]
+        self.cmd += self.settings.to_argv()
         self.stop_timeout = call_timeout + 10.0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -113,7 +107,10 @@ class SlotSubprocess:
         self._log = tempfile.TemporaryFile(prefix="apipool-bench-slot-")  # noqa: SIM115 - stop()
         self.proc = subprocess.Popen(
             self.cmd,
-            env=subprocess_env(APIPOOL_OWNER=f"bench-{os.getpid()}"),
+            # The Redis URL and the owner travel in the environment, not on the command line.
+            env=subprocess_env(
+                **{ENV_REDIS_URL: self.settings.redis_url, ENV_OWNER: self.settings.owner}
+            ),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

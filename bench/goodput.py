@@ -47,12 +47,13 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from apipool.envelope import make_envelope
-from apipool.layout import COMPLETE_SCRIPT, PoolKeys
+from apipool.protocol import FinishCode, Finished, Outcome, PoolProtocol, Step
 from apipool.testing.harness import Scenario, ScenarioResult, run_scenario
+from apipool.testing.polling import wait_for
 from apipool.testing.redis_server import RedisServer
 from apipool.testing.standin import StandInThread
 
-from .common import Figures, Target, wait_until
+from .common import Figures, Target
 
 SLOTS = 4
 CALLS_MS = (100.0, 10.0)
@@ -64,6 +65,8 @@ KEEPALIVE_SECONDS = 30.0
 """As the built-in ``http`` handler."""
 RESULT_TTL_MS = 3_600_000
 """What a slot passes by default (``result_ttl`` 3600 s)."""
+FLOOR_POOL = "bench-floor-redis"
+"""The scratch pool whose keys the ``floor_redis`` clients use (see :class:`RedisStep`)."""
 
 TARGETS = {
     "goodput_100ms": Target(">=", 0.98),
@@ -109,19 +112,36 @@ def scenario_figures(result: ScenarioResult, suffix: str) -> Figures:
 class RedisStep:
     """For the ``floor_redis`` variant: one COMPLETE-and-take EVALSHA after every call.
 
-    The client's in-flight list starts with ``envelope``; each step passes the
-    same string as the envelope and as the result record, and the list it writes
-    the record to doubles as the queue it takes the next job from: the script
-    does all of its work (TYPE, LREM, LPUSH, PEXPIRE, HINCRBY, LMOVE) and
-    returns the envelope, every time, with nothing to refill.
+    Client ``index`` plays slot ``index`` of a scratch pool (``pool``). Its
+    in-flight list starts with ``envelope``, and each step completes it with
+    the same string as the result record, written to the pool's queue list: the
+    result is the job again. So the script does all of its work (TYPE, LREM,
+    LPUSH, PEXPIRE, HINCRBY, LMOVE) and takes that envelope back as the next
+    job, every time, with nothing to refill. The queue is empty between two
+    steps (each script pushes one and takes one, atomically), so the clients
+    can share it. A real pool writes results to a job's own result key; here
+    that would leave the queue dry after the first step.
     """
 
     url: str
+    pool: str
+    index: int
     envelope: str
-    inflight: str
-    result: str
-    stats: str
-    dead: str
+
+    def protocol(self) -> PoolProtocol:
+        return PoolProtocol(self.pool)
+
+    def complete(self, proto: PoolProtocol) -> Step[Finished]:
+        """The one step, sent after every call (built once: it never changes)."""
+        return proto.complete(
+            self.index,
+            self.envelope.encode(),
+            result_key=proto.keys.queue,
+            record=self.envelope,
+            ttl_ms=RESULT_TTL_MS,
+            outcome=Outcome.OK,
+            take_next=True,
+        )
 
 
 async def _call_loop(
@@ -132,6 +152,7 @@ async def _call_loop(
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
     connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=KEEPALIVE_SECONDS)
     r: aioredis.Redis | None = None
+    complete: Step[Finished] | None = None
     if step is not None:  # configured like a slot's client
         r = aioredis.Redis.from_url(
             step.url,
@@ -140,11 +161,13 @@ async def _call_loop(
             retry=AsyncRetry(NoBackoff(), 0),
             decode_responses=False,
         )
-        await r.delete(step.inflight, step.result)
-        await r.rpush(step.inflight, step.envelope)
+        proto = step.protocol()
+        complete = step.complete(proto)
+        inflight = proto.keys.inflight(step.index)
+        await r.delete(inflight, proto.keys.queue)  # empty between steps: safe to share
+        await r.rpush(inflight, step.envelope)
     try:
         async with aiohttp.ClientSession(connector=connector, raise_for_status=False) as session:
-            complete = r.register_script(COMPLETE_SCRIPT) if r is not None else None
             while not stop.is_set():
                 async with session.get(url, timeout=timeout) as response:
                     await response.text()
@@ -152,13 +175,10 @@ async def _call_loop(
                         ok += 1
                     else:
                         other += 1
-                if complete is not None and step is not None:
-                    code, nxt = await complete(
-                        keys=[step.inflight, step.result, step.stats, step.dead, step.result],
-                        args=[step.envelope, step.envelope, RESULT_TTL_MS, "ok", 0, "", "1"],
-                    )
-                    if int(code) != 1 or nxt is None:
-                        raise RuntimeError(f"COMPLETE answered {code!r}, {nxt!r}")
+                if r is not None and complete is not None:
+                    finished = await complete.arun(r)
+                    if finished.code != FinishCode.DONE or finished.next is None:
+                        raise RuntimeError(f"COMPLETE answered {finished!r}")
     finally:
         if r is not None:
             await r.aclose()
@@ -213,20 +233,12 @@ def run_floor(
     standin = StandInThread(slots, default_ms=call_ms)
     api = standin.start()
     url = f"{api.url}/work?ms={call_ms:g}"
-    keys = PoolKeys("bench-floor-redis")
     envelope = make_envelope({"method": "GET", "url": url}).to_json()
 
     def step(i: int) -> RedisStep | None:
         if redis_url is None:
             return None
-        return RedisStep(
-            url=redis_url,
-            envelope=envelope,
-            inflight=keys.inflight(i),
-            result=f"{keys.base}:floor-result:{i}",
-            stats=keys.stats,
-            dead=keys.dead,
-        )
+        return RedisStep(url=redis_url, pool=FLOOR_POOL, index=i, envelope=envelope)
 
     procs = [
         ctx.Process(target=floor_client, args=(i, url, stop, results, step(i)), name=f"floor-{i}")
@@ -242,7 +254,7 @@ def run_floor(
                     raise RuntimeError(f"floor client {proc.name} exited with {proc.exitcode}")
             return api.stats(include_samples=False).active >= slots
 
-        wait_until(all_calling, 30.0, "floor clients connecting", poll=0.02)
+        wait_for(all_calling, 30.0, interval=0.02, what="floor clients connecting")
         time.sleep(warmup)
         api.reset()
         time.sleep(duration)

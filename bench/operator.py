@@ -1,10 +1,11 @@
 """The operator's reaction times: a deleted slot pod replaced, a spec change rolled out.
 
 The kopf operator runs in a thread of this process (``tests.operator.conftest``'s
-``OperatorThread``) against the Kubernetes API emulator of the operator tests
-(``tests.operator.emulator``, behind a real HTTP port on 127.0.0.1), with the
-operator's own settings and its default 10 s self-healing timer, so every
-reaction measured here comes from a watch event, not from the timer. The pool's
+``OperatorThread``, the registry of ``apipool.operator.controller``) against the
+Kubernetes API emulator of the operator tests (``tests.operator.emulator``,
+behind a real HTTP port on 127.0.0.1), with the tests' operator settings but the
+default 10 s self-healing timer, so every reaction measured here comes from a
+watch event, not from the timer. The pool's
 Secret ``redis`` points at a throwaway redis-server, so the pool can be Ready.
 
 Every time is read in an observer of the emulator's store (called at every
@@ -34,34 +35,37 @@ the emulator would get slower the longer the run.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
-import os
 import random
 import shutil
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import ModuleType
 from typing import Any
 
 from tests.operator.conftest import (
     IMAGE,
     KUBECONFIG,
+    OPERATOR_SETTINGS,
     PODS,
     Cluster,
     OperatorThread,
+    import_operator_modules,
     write_kubeconfig,
 )
 from tests.operator.emulator import Emulator, EmulatorThread
 
+from apipool.operator.config import OperatorSettings
 from apipool.operator.manifests import LABEL_HASH, LABEL_POOL
+from apipool.testing.polling import wait_for
 from apipool.testing.redis_server import RedisServer
 
-from .common import Figures, Target, maximum, median, percentile, wait_until
+from .common import Figures, Target, maximum, median, percentile
 
 SLOTS = 5
-TIMER_INTERVAL = 10.0
+TIMER_INTERVAL = OperatorSettings.timer_interval
 """The operator's default self-healing interval: far longer than any reaction here."""
 AUTO_READY = 0.05
 """Seconds until the emulator's stand-in kubelet makes a new pod Ready."""
@@ -159,24 +163,9 @@ class Tracker:
             return self.done_at
 
 
-def _operator_modules() -> dict[str, ModuleType]:
-    """kopf, kubernetes and the handlers, imported with the environment set here."""
-    # tests.operator.conftest set the operator's environment when it was imported
-    # (a 1 s timer, no metrics port, no liveness endpoint); here the timer is the
-    # operator's default, so that nothing measured comes from it.
-    os.environ["APIPOOL_TIMER_INTERVAL"] = f"{TIMER_INTERVAL:g}"
-    import kopf
-    import kubernetes
-
-    from apipool.operator import handlers
-
-    kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(KUBECONFIG)
-    if handlers.SETTINGS.timer_interval != TIMER_INTERVAL or handlers.SETTINGS.metrics_port:
-        raise RuntimeError(
-            "apipool.operator.handlers was imported before bench.operator set its "
-            "environment; run this benchmark in a fresh process"
-        )
-    return {"kopf": kopf, "kubernetes": kubernetes}
+SETTINGS = dataclasses.replace(OPERATOR_SETTINGS, timer_interval=TIMER_INTERVAL)
+"""The tests' operator settings (no metrics port, no liveness endpoint, a 1 s Redis
+timeout), with the operator's default timer, so that nothing measured comes from it."""
 
 
 @contextmanager
@@ -194,7 +183,7 @@ def _quiet_kopf() -> Iterator[None]:
 @contextmanager
 def _cluster() -> Iterator[Cluster]:
     """A redis-server, the emulator, the Secret ``redis``, and the operator running."""
-    modules = _operator_modules()
+    modules = import_operator_modules()
     server = RedisServer()
     server.start()
     try:
@@ -205,7 +194,7 @@ def _cluster() -> Iterator[Cluster]:
             try:
                 cluster.put_secret("redis", {"url": server.url})
                 with _quiet_kopf():  # running not in the main thread: no OS signals
-                    op = OperatorThread(modules["kopf"]).start()
+                    op = OperatorThread(modules, SETTINGS).start()
                 try:
                     yield cluster
                 finally:
@@ -238,7 +227,7 @@ def _settled(cluster: Cluster, pool: str) -> bool:
 
 
 def _settle(cluster: Cluster, pool: str) -> None:
-    wait_until(lambda: _settled(cluster, pool), 30.0, f"{SLOTS} Ready slots of {pool}")
+    wait_for(lambda: _settled(cluster, pool), 30.0, what=f"{SLOTS} Ready slots of {pool}")
     time.sleep(IDLE)
 
 
@@ -259,12 +248,12 @@ def _wait_replaced(
     tracker: Tracker, name: str, old_uid: str, timeout: float
 ) -> tuple[float, float]:
     """Poll until ``name`` was removed and created again: (removed at, created at)."""
-    deadline = time.monotonic() + timeout
-    while (times := tracker.replaced(name, old_uid)) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} was not replaced within {timeout:g} s")
-        time.sleep(0.002)
-    return times
+    return wait_for(
+        lambda: tracker.replaced(name, old_uid),
+        timeout,
+        interval=0.002,
+        what=f"{name} to be replaced",
+    )
 
 
 def _ms(seconds: float) -> float:
@@ -306,7 +295,7 @@ def run(*, quick: bool = False, seed: int = 1) -> Figures:
             tracker.begin_rollout(old_hash)
             started = time.monotonic()
             cluster.patch_spec(pool, image=f"{IMAGE.rsplit(':', 1)[0]}:0.{i + 2}.0")
-            wait_until(lambda: tracker.rollout_done() is not None, 60.0, "the rollout", poll=0.005)
+            wait_for(tracker.rollout_done, 60.0, interval=0.005, what="the rollout")
             done = tracker.rollout_done()
             assert done is not None
             durations.append(done - started)

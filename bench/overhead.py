@@ -12,13 +12,14 @@ contender, K envelopes are built beforehand in a staging list, which one
   COMPLETE).
 - ``slot_sync``: the same with ``bench.handlers:noop_sync`` (run in a thread).
 - ``bare_async``: ``redis.asyncio`` with the slot's client settings, doing the
-  Redis commands a busy slot does: per job one ``COMPLETE_SCRIPT`` EVALSHA with
-  the arguments a slot passes (result key, result record, TTL, ``ok``, busy ms,
-  no dead entry) and the take flag ``'1'``, which moves the next envelope to
-  the in-flight list and returns it; ``BLMOVE queue inflight RIGHT LEFT`` only
-  when no next envelope came back (the first job of a round). Result keys and
-  records are precomputed, so the loop is nothing but those round trips. The
-  clock stops after the last COMPLETE.
+  Redis commands a busy slot does: per job one COMPLETE step
+  (:meth:`apipool.protocol.PoolProtocol.complete`, an EVALSHA) with the
+  arguments a slot passes (result key, result record, TTL, ``Outcome.OK``, busy
+  ms, no dead entry) and ``take_next``, which moves the next envelope to the
+  in-flight list and returns it; ``BLMOVE queue inflight RIGHT LEFT`` only when
+  no next envelope came back (the first job of a round). The steps (result
+  keys and records included) are built beforehand, so the loop is nothing but
+  those round trips. The clock stops after the last COMPLETE.
 - ``bare_sync``: the same loop with sync ``redis.Redis``, for reference.
 
 ``ratio`` = slot jobs/s ÷ bare_async jobs/s, each the median over the rounds
@@ -40,8 +41,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from apipool.envelope import STATUS_OK, Envelope, make_envelope, result_record
-from apipool.layout import COMPLETE_SCRIPT, PoolKeys
+from apipool.envelope import Envelope, make_envelope, result_record
+from apipool.protocol import FinishCode, Finished, Outcome, PoolKeys, PoolProtocol, Step
 from apipool.testing.redis_server import RedisServer
 
 from .common import Figures, SlotSubprocess, Target, median
@@ -54,7 +55,6 @@ WARMUP = 200
 """Jobs each contender runs before the first measured round."""
 BLOCK_STEP: Any = 1.0
 """Seconds the benchmark blocks at a time waiting for the slot's last result."""
-"""Jobs each contender runs before the first measured round."""
 
 TARGETS = {"ratio": Target(">=", 0.7)}
 
@@ -91,18 +91,29 @@ def release(r: redis.Redis, keys: PoolKeys) -> float:
     return t0
 
 
-def complete_args(keys: PoolKeys, batch: Batch) -> dict[bytes, tuple[str, str]]:
-    """Per raw envelope: the result key and result record a slot would pass."""
+Steps = dict[bytes, Step[Finished]]
+"""Per raw envelope (as Redis returns it): the COMPLETE step that finishes it."""
+
+
+def complete_steps(proto: PoolProtocol, batch: Batch) -> Steps:
+    """Per raw envelope: the COMPLETE-and-take step slot 0 would send for it."""
     now = time.time()
-    return {
-        raw.encode(): (
-            keys.result(env.id),
-            result_record(
-                job_id=env.id, status=STATUS_OK, attempt=env.attempt, slot=0, started_at=now
-            ),
+    steps: Steps = {}
+    for env, raw in zip(batch.envelopes, batch.raws, strict=True):
+        record = result_record(
+            job_id=env.id, status=Outcome.OK, attempt=env.attempt, slot=0, started_at=now
         )
-        for env, raw in zip(batch.envelopes, batch.raws, strict=True)
-    }
+        taken = raw.encode()  # what BLMOVE and COMPLETE's take return
+        steps[taken] = proto.complete(
+            0,
+            taken,
+            result_key=proto.result_key(env.id),
+            record=record,
+            ttl_ms=RESULT_TTL_MS,
+            outcome=Outcome.OK,
+            take_next=True,
+        )
+    return steps
 
 
 class SlotContender:
@@ -162,12 +173,11 @@ def _raw(reply: Any) -> bytes | None:
     return reply if isinstance(reply, bytes) else str(reply).encode()
 
 
-def _next_of(answer: Any) -> bytes | None:
-    """Check a COMPLETE answer ``[code, next]``; return ``next``."""
-    code, nxt = answer
-    if int(code) != 1:
-        raise RuntimeError(f"COMPLETE answered {int(code)}, not 1")
-    return _raw(nxt)
+def _next_of(finished: Finished) -> bytes | None:
+    """Check a COMPLETE answer; return the next envelope it took, if any."""
+    if finished.code != FinishCode.DONE:
+        raise RuntimeError(f"COMPLETE answered {finished.code!r}, not DONE")
+    return _raw(finished.next)
 
 
 class BareAsync:
@@ -177,7 +187,8 @@ class BareAsync:
     def __init__(self, r: redis.Redis, url: str, pool: str) -> None:
         self.r = r
         self.url = url
-        self.keys = PoolKeys(pool)
+        self.proto = PoolProtocol(pool)
+        self.keys = self.proto.keys
         self.serial = 0
         self.blmoves: list[int] = []
 
@@ -188,12 +199,12 @@ class BareAsync:
     def drain(self, k: int) -> float:
         batch = stage(self.r, self.keys, k, self.serial)
         self.serial += k
-        table = complete_args(self.keys, batch)
-        seconds, blmoves = asyncio.run(self._loop(k, table))
+        steps = complete_steps(self.proto, batch)
+        seconds, blmoves = asyncio.run(self._loop(k, steps))
         self.blmoves.append(blmoves)
         return k / seconds
 
-    async def _loop(self, k: int, table: dict[bytes, tuple[str, str]]) -> tuple[float, int]:
+    async def _loop(self, k: int, steps: Steps) -> tuple[float, int]:
         """Run ``k`` jobs; return the seconds taken and the number of BLMOVEs sent."""
         client = aioredis.Redis.from_url(
             self.url,
@@ -202,7 +213,6 @@ class BareAsync:
             retry=AsyncRetry(NoBackoff(), 0),
             decode_responses=False,
         )
-        complete = client.register_script(COMPLETE_SCRIPT)
         keys = self.keys
         inflight = keys.inflight(0)
         blmoves = 0
@@ -219,13 +229,7 @@ class BareAsync:
                     )
                     if raw is None:
                         raise RuntimeError("bare async loop: the queue ran dry early")
-                result_key, record = table[raw]
-                raw = _next_of(
-                    await complete(
-                        keys=[inflight, result_key, keys.stats, keys.dead, keys.queue],
-                        args=[raw, record, RESULT_TTL_MS, "ok", 0, "", "1"],
-                    )
-                )
+                raw = _next_of(await steps[raw].arun(client))
             return time.perf_counter() - t0, blmoves
         finally:
             await client.aclose()
@@ -236,11 +240,11 @@ class BareSync:
 
     def __init__(self, r: redis.Redis, url: str, pool: str) -> None:
         self.r = r
-        self.keys = PoolKeys(pool)
+        self.proto = PoolProtocol(pool)
+        self.keys = self.proto.keys
         self.client = redis.Redis.from_url(
             url, socket_timeout=TAKE_BLOCK + 5.0, retry=Retry(NoBackoff(), 0)
         )
-        self.complete = self.client.register_script(COMPLETE_SCRIPT)
         self.serial = 0
 
     def start(self) -> None:
@@ -249,8 +253,8 @@ class BareSync:
     def drain(self, k: int) -> float:
         batch = stage(self.r, self.keys, k, self.serial)
         self.serial += k
-        table = complete_args(self.keys, batch)
-        keys, client, complete = self.keys, self.client, self.complete
+        steps = complete_steps(self.proto, batch)
+        keys, client = self.keys, self.client
         inflight = keys.inflight(0)
         client.ping()
         t0 = time.perf_counter()
@@ -261,13 +265,7 @@ class BareSync:
                 raw = _raw(client.blmove(keys.queue, inflight, TAKE_BLOCK, "RIGHT", "LEFT"))
                 if raw is None:
                     raise RuntimeError("bare sync loop: the queue ran dry early")
-            result_key, record = table[raw]
-            raw = _next_of(
-                complete(
-                    keys=[inflight, result_key, keys.stats, keys.dead, keys.queue],
-                    args=[raw, record, RESULT_TTL_MS, "ok", 0, "", "1"],
-                )
-            )
+            raw = _next_of(steps[raw].run(client))
         return k / (time.perf_counter() - t0)
 
     def stop(self) -> None:

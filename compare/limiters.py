@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import redis
 
+from apipool.testing.polling import WaitTimeout, async_wait_for
 from apipool.testing.redis_server import RedisServer
 from apipool.testing.standin import StandInApi
 
@@ -158,13 +159,14 @@ async def run_limiter(system: str, s: Settings, plan: list[Planned]) -> dict[str
                 fleet = _Fleet(system, s, server.url, api, log_dir)
                 keepers = [asyncio.create_task(fleet.keep(i)) for i in range(s.workers)]
                 try:
-                    # warm-up: until the API serves N calls at once (bounded)
-                    ready_by = time.monotonic() + 30
-                    while (
-                        time.monotonic() < ready_by
-                        and api.stats(include_samples=False).in_flight < s.limit
-                    ):
-                        await asyncio.sleep(0.02)
+                    # warm-up: until the API serves N calls at once (bounded; the run
+                    # goes ahead after 30 s either way)
+                    with contextlib.suppress(WaitTimeout):
+                        await async_wait_for(
+                            lambda: api.stats(include_samples=False).in_flight >= s.limit,
+                            30.0,
+                            what=f"{s.limit} calls in flight",
+                        )
                     await asyncio.sleep(0.5)
                     api.reset()
                     t0 = time.monotonic()

@@ -111,10 +111,13 @@ def start_slot(redis_url: str, pool: str, tmp_path: Path) -> Iterator[Callable[.
     ) -> SlotProcess:
         port = free_port()
         log = tmp_path / f"slot-{slot}-{len(started)}.log"
-        env = dict(SUBPROCESS_ENV, APIPOOL_OWNER=owner or f"test-{uuid.uuid4().hex[:8]}")
+        env = dict(
+            SUBPROCESS_ENV,
+            APIPOOL_OWNER=owner or f"test-{uuid.uuid4().hex[:8]}",
+            APIPOOL_REDIS_URL=redis_url,  # as the supervisor does: never on a command line
+        )
         cmd = [
             sys.executable, "-m", "apipool", "slot",
-            "--redis-url", redis_url,
             "--pool", pool_name or pool,
             "--slot", str(slot),
             "--handler", handler,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -34,3 +35,20 @@ def block_sync(payload: Any, call: Call) -> None:
 
 def not_json(payload: Any, call: Call) -> object:
     return object()
+
+
+async def ignore_cancel(payload: Any, call: Call) -> None:
+    """Sleeps through every cancellation: a call that overruns its timeout for good."""
+    end = time.monotonic() + float(payload.get("seconds", 60))
+    while time.monotonic() < end:
+        try:
+            await asyncio.sleep(end - time.monotonic())
+        except asyncio.CancelledError:
+            continue
+
+
+def record_call(payload: Any, call: Call) -> dict[str, int]:
+    """Appends ``<pid> <job id> <attempt>`` to the file the payload names: every call counts."""
+    with open(payload["log"], "a") as log:
+        log.write(f"{os.getpid()} {call.job_id} {call.attempt}\n")
+    return {"pid": os.getpid()}

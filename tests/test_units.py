@@ -1,15 +1,23 @@
-"""Pure parts of the runtime: settings arithmetic, handler loading, health logic."""
+"""Pure parts of the runtime: settings arithmetic, handler loading, probe verdicts."""
 
 from __future__ import annotations
 
-import time
+import asyncio
+from typing import cast
 
 import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from apipool.errors import ConfigError
+from apipool.exitcodes import ExitCode
 from apipool.handlers import load_handler, load_handlers
+from apipool.heartbeat import Heartbeat
 from apipool.http_handler import parse_http_request
 from apipool.layout import PoolKeys
+from apipool.lease import Lease
+from apipool.probes import liveness, readiness
+from apipool.protocol import PoolProtocol
 from apipool.settings import SlotSettings, Timings, check_pool_name
 from apipool.slot import SlotWorker
 
@@ -124,7 +132,31 @@ def test_bad_http_payloads(payload: object, message: str) -> None:
         parse_http_request(payload)
 
 
-def make_worker() -> SlotWorker:
+def test_liveness_fails_when_a_call_overruns_or_the_heartbeat_stalls() -> None:
+    t = Timings(call_timeout=2, heartbeat_interval=0.5, health_grace=1)
+    assert liveness(t, since_tick=0.1, call_running_for=None) == (True, "ok")
+    assert liveness(t, since_tick=0.1, call_running_for=2.9) == (True, "ok")  # within grace
+    ok, why = liveness(t, since_tick=0.1, call_running_for=3.5)
+    assert not ok
+    assert why == "call running for 3.5 s, over its timeout"
+    assert liveness(t, since_tick=2.4, call_running_for=None) == (True, "ok")
+    assert liveness(t, since_tick=2.6, call_running_for=None) == (False, "heartbeat loop stalled")
+
+
+def test_readiness_needs_redis_a_slot_in_the_pool_and_a_valid_lease() -> None:
+    assert readiness(redis_ok=False, surplus=True, lease_valid=False) == (
+        False,
+        "redis unreachable",
+    )
+    assert readiness(redis_ok=True, surplus=True, lease_valid=True) == (
+        False,
+        "slot index is beyond the pool's size",
+    )
+    assert readiness(redis_ok=True, surplus=False, lease_valid=False) == (False, "lease not held")
+    assert readiness(redis_ok=True, surplus=False, lease_valid=True) == (True, "ok")
+
+
+def test_a_fresh_slot_worker_is_alive_but_not_ready() -> None:
     settings = SlotSettings(
         redis_url="redis://127.0.0.1:1/0",
         pool="p",
@@ -132,61 +164,50 @@ def make_worker() -> SlotWorker:
         handlers=("tests.handlers:echo",),
         timings=Timings(call_timeout=2, heartbeat_interval=0.5, health_grace=1),
     )
-    return SlotWorker(settings)
-
-
-def test_health_fails_when_a_call_overruns_or_the_heartbeat_stalls() -> None:
-    worker = make_worker()
+    worker = SlotWorker(settings)
     assert worker.health() == (True, "ok")
-    worker.call_started = time.monotonic() - 2.5  # within timeout + grace
-    assert worker.health()[0]
-    worker.call_started = time.monotonic() - 3.5
-    ok, why = worker.health()
-    assert not ok
-    assert "over its timeout" in why
-    worker.call_started = None
-    worker.last_tick = time.monotonic() - 10
-    assert worker.health() == (False, "heartbeat loop stalled")
-
-
-def test_readiness_needs_redis_and_a_valid_lease() -> None:
-    worker = make_worker()
     assert worker.readiness() == (False, "redis unreachable")
-    worker.redis_ok = True
-    assert worker.readiness() == (False, "lease not held")
-    worker.lease_held = True
-    worker.lease_valid_until = time.monotonic() + 5
-    assert worker.readiness() == (True, "ok")
-    assert worker.lease_ok_for(4)
-    assert not worker.lease_ok_for(6)  # self-fencing: not enough lease for that
+    assert worker.exit_code == ExitCode.OK
+
+
+class CancelSwallowingRedis:
+    """Every script call blocks; the first cancel that lands inside it comes back
+    as a RedisError, as a client library converting it would."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.swallowed = 0
+
+    async def evalsha(self, *args: object) -> object:
+        self.entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+            raise RedisConnectionError("connection closed by a cancel") from None
+        return None
+
+    async def hget(self, *args: object) -> None:
+        return None
 
 
 @pytest.mark.timeout(10)
 def test_heartbeat_stops_even_when_a_client_swallows_the_cancel() -> None:
     """A cancel landing inside a Redis command may come back as a RedisError,
     which the heartbeat treats as an outage; the loop must still end."""
-    import asyncio
-
-    worker = make_worker()
-    entered = asyncio.Event()
-    swallowed: list[bool] = []
-
-    async def swallowing_refresh() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            if swallowed:
-                raise
-            swallowed.append(True)  # once, as a client library converting the cancel would
-
-    worker.refresh_lease = swallowing_refresh  # type: ignore[method-assign]
+    fake = CancelSwallowingRedis()
+    lease = Lease(PoolProtocol("p"), 0, "me", 5.0)
+    heartbeat = Heartbeat(lease, cast(aioredis.Redis, fake), 0.5)
 
     async def scenario() -> None:
-        task = asyncio.create_task(worker.heartbeat_loop())
-        await asyncio.wait_for(entered.wait(), 5)
+        task = asyncio.create_task(heartbeat.run())
+        await asyncio.wait_for(fake.entered.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 3)
+        assert fake.swallowed == 1  # the cancel did come back as a RedisError
+        assert not heartbeat.redis_ok
 
     asyncio.run(scenario())

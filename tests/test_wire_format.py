@@ -42,6 +42,7 @@ from apipool.errors import EnvelopeError
 from apipool.http_handler import parse_http_request
 from apipool.layout import PoolKeys
 from apipool.protocol import SUBMIT, Outcome
+from apipool.testing.polling import WaitTimeout, wait_for
 from apipool.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -473,21 +474,21 @@ class Slot:
 
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, slot: Slot | None = None) -> Any:
-    """Poll until predicate() is truthy; fail at the deadline or if the slot exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
+    """wait_for, failing at once (with the slot's log) if the slot exits meanwhile."""
+
+    def check() -> Any:
         if slot is not None and slot.proc.poll() is not None:
             pytest.fail(
                 f"the slot exited with {slot.proc.returncode} while waiting for {what}:\n"
                 + slot.output()
             )
-        if time.monotonic() > deadline:
-            log = f"\nslot log:\n{slot.output()}" if slot is not None else ""
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{log}")
-        time.sleep(0.02)
+        return predicate()
+
+    try:
+        return wait_for(check, timeout, what=what)
+    except WaitTimeout as exc:
+        log = f"\nslot log:\n{slot.output()}" if slot is not None else ""
+        pytest.fail(f"{exc}{log}")
 
 
 @pytest.fixture(scope="module")

@@ -93,15 +93,8 @@ def _timings(args: argparse.Namespace) -> Timings:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="apipool",
-        description="Keep a paid API at exactly its concurrent-connection limit.",
-    )
-    parser.add_argument("--version", action="version", version=f"apipool {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_runtime_commands(sub: Any) -> None:
+    """``up`` and ``slot``: the processes that call the API."""
     up = sub.add_parser("up", help="run N slot processes on this machine (local supervisor)")
     _add_redis(up)
     up.add_argument("--slots", type=_count, required=True, metavar="N", help="the API's limit")
@@ -122,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     slot.add_argument("--health-port", type=_count, default=defaults.HEALTH_PORT)
     slot.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_producer_commands(sub: Any) -> None:
+    """``submit``, ``result`` and ``stats``: what a producer or an operator types."""
     submit = sub.add_parser("submit", help="queue one job; print its id (or its result)")
     _add_redis(submit)
     submit.add_argument("payload", help="the job payload as JSON, or - to read it from stdin")
@@ -141,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--dead", type=_count, default=0, metavar="K",
                        help="also show the K newest dead letters")  # fmt: skip
 
+
+def _add_other_commands(sub: Any) -> None:
+    """``standin``, ``operator`` and ``demo``."""
     standin = sub.add_parser(
         "standin", help="serve the stand-in API with a hard connection limit (for trials)"
     )
@@ -163,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use this Redis instead of a throwaway redis-server")  # fmt: skip
     demo.add_argument("--call-ms", type=_positive, default=100.0, help="API call duration")
     demo.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apipool",
+        description="Keep a paid API at exactly its concurrent-connection limit.",
+    )
+    parser.add_argument("--version", action="version", version=f"apipool {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_runtime_commands(sub)
+    _add_producer_commands(sub)
+    _add_other_commands(sub)
     return parser
 
 

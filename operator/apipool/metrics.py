@@ -1,16 +1,26 @@
-"""Prometheus metrics of one slot worker (its own registry, served on /metrics)."""
+"""Prometheus metrics of one slot worker (its own registry, served on /metrics).
+
+Every series a dashboard may look for exists from the start (at 0): one
+``apipool_calls_total`` per :class:`~apipool.protocol.Outcome` value and one
+``apipool_failures_total`` per cause in :data:`FAILURE_CAUSES`.
+"""
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .protocol import Outcome
 
-FAILURE_CAUSES = ("error", "timeout", "malformed", "unknown handler")
+FailureCause = Literal["error", "timeout", "malformed", "unknown handler"]
 """Why a job did not succeed (label ``cause`` of apipool_failures_total)."""
+FAILURE_CAUSES: tuple[FailureCause, ...] = get_args(FailureCause)
 
 
 class SlotMetrics:
+    """The metrics of slot ``slot`` of pool ``pool``, labelled with both."""
+
     def __init__(self, pool: str, slot: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"pool": pool, "slot": str(slot)}
@@ -70,7 +80,7 @@ class SlotMetrics:
             registry=self.registry,
         ).labels(**labels)
 
-    def outcome(self, outcome: Outcome, *, cause: str | None = None) -> None:
+    def outcome(self, outcome: Outcome, *, cause: FailureCause | None = None) -> None:
         """Count a job's outcome here, and why it failed when it did."""
         self.calls.labels(outcome=outcome.value, **self._labels).inc()
         if cause is not None:

@@ -73,7 +73,7 @@ def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolSt
             pipe.get(keys.lease(i))
         answers = pipe.execute()
     except RedisError as exc:
-        raise RedisUnavailable(f"reading pool {pool!r} failed: {exc}") from exc
+        raise RedisUnavailable(f"reading pool {pool!r} from Redis failed: {exc}") from exc
     queued, dead, raw_counters = answers[0], answers[1], answers[2]
     inflight: dict[int, int] = {}
     leases: dict[int, str] = {}

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -39,6 +39,39 @@ from .settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings, check_poo
 from .stats import write_pool_config
 
 log = logging.getLogger("apipool.supervisor")
+
+
+CRASH_LOOP_LIFETIME = 5.0
+"""A slot that exits sooner than this after its start is restarted after a back-off."""
+FIRST_BACKOFF = 0.1
+"""Seconds of the first back-off of a crash loop; it doubles at each further crash."""
+
+
+def restart_backoff(previous: float, lived: float, maximum: float) -> float:
+    """Seconds to wait before starting a slot again that ran ``lived`` seconds:
+    none after a long enough life, else double the ``previous`` back-off
+    (at least FIRST_BACKOFF), never more than ``maximum``."""
+    if lived > CRASH_LOOP_LIFETIME:
+        return 0.0
+    return min(max(previous * 2, FIRST_BACKOFF), maximum)
+
+
+def exit_detail(returncode: int | None) -> str:
+    """How a process ended, for the ``exited`` event: ``code N`` or ``signal N``."""
+    if returncode is not None and returncode < 0:
+        return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+def slot_environment(
+    owner: str, redis_url: str, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A slot process's environment: ``base`` (default: ours) plus its owner and
+    Redis URL, which stay off its command line (visible to every local user)."""
+    env = dict(os.environ if base is None else base)
+    env[ENV_OWNER] = owner
+    env[ENV_REDIS_URL] = redis_url
+    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -161,8 +194,9 @@ class Supervisor:
             parent_pid=os.getpid(),
         )
 
-    def _command(self, slot: SlotProcess) -> list[str]:
-        argv = self.slot_settings(slot.index, slot.port).to_argv()
+    def command(self, index: int, port: int) -> list[str]:
+        """The command line of slot ``index``: ``SlotSettings.to_argv`` (no Redis URL)."""
+        argv = self.slot_settings(index, port).to_argv()
         return [sys.executable, "-m", "apipool", "--log-level", self.settings.log_level, *argv]
 
     def _log_file(self, slot: SlotProcess) -> IO[bytes] | None:
@@ -173,11 +207,11 @@ class Supervisor:
 
     async def _spawn(self, slot: SlotProcess) -> None:
         slot.port = free_port()
-        env = dict(os.environ, **{ENV_OWNER: self.owner, ENV_REDIS_URL: self.settings.redis_url})
+        env = slot_environment(self.owner, self.settings.redis_url)
         out = self._log_file(slot)
         try:
             slot.proc = await asyncio.create_subprocess_exec(
-                *self._command(slot),
+                *self.command(slot.index, slot.port),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
@@ -203,41 +237,41 @@ class Supervisor:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    def _kill_reason(self, slot: SlotProcess, last_ok: float) -> str | None:
+        """Why the slot must be killed now that a probe failed; None: not yet. The
+        liveness window counts from the start of the last good probe, as a
+        kubelet's failure threshold does; before a first one, the startup timeout."""
+        s = self.settings
+        silent = time.monotonic() - last_ok
+        if slot.healthy and silent >= s.liveness_window:
+            return f"/healthz unanswered for {silent:.1f} s"
+        if not slot.healthy and silent >= s.startup_timeout:
+            return f"not healthy {s.startup_timeout:g} s after start"
+        return None
+
     async def _watch(self, slot: SlotProcess) -> None:
         """Return once the slot's process has exited or was killed and reaped."""
-        s = self.settings
         assert slot.proc is not None
         proc = slot.proc
         exited = asyncio.ensure_future(proc.wait())
         last_ok = slot.started_at  # start of the last probe that succeeded
         try:
             while True:
-                done, _ = await asyncio.wait({exited}, timeout=s.probe_interval)
+                done, _ = await asyncio.wait({exited}, timeout=self.settings.probe_interval)
                 if done:
-                    code = proc.returncode
-                    detail = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
-                    self._event(slot.index, "exited", detail)
+                    self._event(slot.index, "exited", exit_detail(proc.returncode))
                     return
                 probe_started = time.monotonic()
                 if await self._probe(slot):
                     if not slot.healthy:
-                        self._event(
-                            slot.index, "healthy", f"after {probe_started - slot.started_at:.2f} s"
-                        )
+                        after = probe_started - slot.started_at
+                        self._event(slot.index, "healthy", f"after {after:.2f} s")
                     slot.healthy = True
                     last_ok = probe_started
                     continue
-                # Unanswered since the last good probe: the liveness window
-                # counts from there, as a kubelet's failure threshold does.
-                silent = time.monotonic() - last_ok
-                limit = s.liveness_window if slot.healthy else s.startup_timeout
-                if silent < limit:
+                why = self._kill_reason(slot, last_ok)
+                if why is None:
                     continue
-                why = (
-                    f"/healthz unanswered for {silent:.1f} s"
-                    if slot.healthy
-                    else f"not healthy {s.startup_timeout:g} s after start"
-                )
                 slot.healthy = False
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -259,11 +293,9 @@ class Supervisor:
             await self._watch(slot)
             if self.stopping.is_set():
                 break
-            lived = slot.last_exit - slot.started_at
             # Restart at once; back off only a slot that keeps dying right after its start.
-            backoff = (
-                0.0 if lived > 5 else min(max(backoff * 2, 0.1), self.settings.restart_backoff_max)
-            )
+            lived = slot.last_exit - slot.started_at
+            backoff = restart_backoff(backoff, lived, self.settings.restart_backoff_max)
             if backoff:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), backoff)

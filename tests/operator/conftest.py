@@ -1,10 +1,12 @@
 """Fixtures of the operator tests: the Kubernetes API emulator on a loopback port,
 the kopf operator in its own thread and event loop, and helpers to drive both.
 
-The Kubernetes client reads the path of its kubeconfig (``KUBECONFIG``) once, at
-import, and the handlers read their ``APIPOOL_*`` settings once, at import: both
-are set here, when pytest imports this conftest, before any test module of this
-directory imports kopf, kubernetes or the handlers. Each test writes its own
+The operator runs the registry of ``apipool.operator.controller.build_registry``
+with :data:`OPERATOR_SETTINGS` (a 1 s timer, no metrics port, no liveness
+endpoint), a new registry and :class:`Reconciler` at each start. The Kubernetes
+client reads the path of its kubeconfig (``KUBECONFIG``) once, at import: it is
+set here, when pytest imports this conftest, and again on the client module
+when the operator's modules are first needed. Each test writes its own
 emulator's address into that kubeconfig file; the operator reads it at startup.
 """
 
@@ -21,12 +23,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from apipool.operator.config import OperatorSettings
+
 from ..conftest import wait_for
 from .emulator import EVENTS, PODS, POOLS, SECRETS, Emulator, EmulatorThread
+
+if TYPE_CHECKING:
+    from apipool.operator.reconcile import Reconciler
 
 TIMER_INTERVAL = 1.0
 NAMESPACE = "default"
@@ -36,14 +43,11 @@ IMAGE = "ghcr.io/example/apipool:0.1.0"
 _KUBE_DIR = Path(tempfile.mkdtemp(prefix="apipool-kube-"))
 KUBECONFIG = _KUBE_DIR / "config"
 KUBECONFIG.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
-OPERATOR_ENV = {
-    "KUBECONFIG": str(KUBECONFIG),
-    "APIPOOL_TIMER_INTERVAL": f"{TIMER_INTERVAL:g}",
-    "APIPOOL_METRICS_PORT": "0",
-    "APIPOOL_LIVENESS_ENDPOINT": "",
-    "APIPOOL_REDIS_TIMEOUT": "1",
-}
-os.environ.update(OPERATOR_ENV)
+os.environ["KUBECONFIG"] = str(KUBECONFIG)
+OPERATOR_SETTINGS = OperatorSettings(
+    timer_interval=TIMER_INTERVAL, liveness_endpoint="", metrics_port=0, redis_timeout=1.0
+)
+"""The operator's settings in these tests (kopf's own liveness endpoint is off too)."""
 
 __all__ = ["EVENTS", "NAMESPACE", "PODS", "POOLS", "SECRETS", "Cluster", "wait_for"]
 
@@ -77,22 +81,27 @@ def write_kubeconfig(url: str) -> None:
     tmp.replace(KUBECONFIG)
 
 
-@pytest.fixture(scope="session")
-def operator_modules() -> dict[str, ModuleType]:
-    """kopf, kubernetes and the handlers (which register themselves with kopf)."""
+def import_operator_modules() -> dict[str, ModuleType]:
+    """kopf, kubernetes and the operator's modules, the client pointed at our kubeconfig."""
     import kopf
     import kubernetes
 
-    from apipool.operator import handlers
+    from apipool.operator import controller, reconcile
 
     # Whoever imported the client first, it must read our kubeconfig.
     kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(KUBECONFIG)
-    if handlers.SETTINGS.timer_interval != TIMER_INTERVAL or handlers.SETTINGS.metrics_port:
-        pytest.fail(
-            "apipool.operator.handlers was imported before tests/operator/conftest.py set "
-            f"its environment ({OPERATOR_ENV}); run the operator tests in a fresh process"
-        )
-    return {"kopf": kopf, "kubernetes": kubernetes, "handlers": handlers}
+    return {
+        "kopf": kopf,
+        "kubernetes": kubernetes,
+        "controller": controller,
+        "reconcile": reconcile,
+    }
+
+
+@pytest.fixture(scope="session")
+def operator_modules() -> dict[str, ModuleType]:
+    """kopf, kubernetes and the operator's modules (see import_operator_modules)."""
+    return import_operator_modules()
 
 
 # -- the operator in its own thread ----------------------------------------------------
@@ -100,7 +109,10 @@ def operator_modules() -> dict[str, ModuleType]:
 
 class OperatorThread:
     """``kopf.operator()`` in a thread with its own event loop (kopf's shutdown must
-    not touch the test's loop, and only the main thread may own signal handlers).
+    not touch the test's loop, and only the main thread may own signal handlers),
+    running the operator's registry for ``settings``. Each :meth:`start` makes a
+    new registry and :class:`Reconciler` (:attr:`reconciler`), as a new operator
+    process would.
 
     :meth:`stop` sets kopf's stop flag and, as a second Ctrl-C would, cancels the
     operator if it has not finished within a second: kopf 1.45 can respawn a
@@ -109,25 +121,33 @@ class OperatorThread:
     this operator runs any more.
     """
 
-    def __init__(self, kopf: ModuleType) -> None:
-        self.kopf = kopf
+    def __init__(
+        self, modules: dict[str, ModuleType], settings: OperatorSettings = OPERATOR_SETTINGS
+    ) -> None:
+        self.kopf = modules["kopf"]
+        self.controller = modules["controller"]
+        self.reconcile = modules["reconcile"]
+        self.settings = settings
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[None] | None = None
         self.ready = threading.Event()
         self.stop_flag = threading.Event()
-        self.settings: Any = None
+        self.kopf_settings: Any = None
+        self.registry: Any = None
+        self.reconciler: Reconciler | None = None
         self.error: BaseException | None = None
 
     async def _run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()  # type: ignore[assignment]
         await self.kopf.operator(
+            registry=self.registry,
             standalone=True,
             clusterwide=False,
             namespaces=[NAMESPACE],
-            liveness_endpoint=None,
-            settings=self.settings,
+            liveness_endpoint=self.settings.liveness_endpoint or None,
+            settings=self.kopf_settings,
             ready_flag=self.ready,
             stop_flag=self.stop_flag,
         )
@@ -144,8 +164,10 @@ class OperatorThread:
         self.ready = threading.Event()
         self.stop_flag = threading.Event()
         self.error = None
-        self.settings = self.kopf.OperatorSettings()
-        self.settings.queueing.exit_timeout = 0.0  # do not start new handlers at exit
+        self.kopf_settings = self.kopf.OperatorSettings()
+        self.kopf_settings.queueing.exit_timeout = 0.0  # do not start new handlers at exit
+        self.reconciler = self.reconcile.Reconciler(self.settings)
+        self.registry = self.controller.build_registry(self.settings, self.reconciler)
         self.thread = threading.Thread(target=self._main, name="kopf-operator", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -166,7 +188,7 @@ class OperatorThread:
             raise RuntimeError("the operator did not stop in time")
         self.thread = None
         # Sync handlers run in kopf's executor: let the last one finish.
-        self.settings.execution.executor.shutdown(wait=True)
+        self.kopf_settings.execution.executor.shutdown(wait=True)
         if self.error is not None:
             raise RuntimeError(f"the operator failed: {self.error!r}") from self.error
 
@@ -379,7 +401,7 @@ def cluster(
 @pytest.fixture
 def operator(cluster: Cluster, operator_modules: dict[str, ModuleType]) -> Iterator[OperatorThread]:
     """The operator, running against the cluster; stopped (cleanly) at teardown."""
-    op = OperatorThread(operator_modules["kopf"]).start()
+    op = OperatorThread(operator_modules).start()
     yield op
     op.stop()
 

@@ -14,7 +14,9 @@ import jsonschema
 import pytest
 import yaml
 
+from apipool import defaults
 from apipool.operator.spec import (
+    DEFAULT_SECRET_KEY,
     GROUP,
     HANDLER,
     KIND,
@@ -309,24 +311,60 @@ def test_bounds(spec_schema: dict[str, Any]) -> None:
     assert props["image"]["minLength"] == 1
 
 
+CRD_DEFAULTS: dict[str, Any] = {
+    "handler": defaults.HANDLER,
+    "callTimeoutSeconds": defaults.CALL_TIMEOUT,
+    "heartbeatIntervalSeconds": defaults.HEARTBEAT_INTERVAL,
+    "maxAttempts": defaults.MAX_ATTEMPTS,
+    "resultTtlSeconds": defaults.RESULT_TTL,
+    "maxQueueLength": defaults.MAX_QUEUE_LENGTH,
+    "maxUnavailable": defaults.MAX_UNAVAILABLE,
+    "liveness": {},
+}
+"""The spec's schema defaults, as apipool.defaults defines them."""
+LIVENESS_DEFAULTS = {
+    "periodSeconds": defaults.LIVENESS_PERIOD,
+    "failureThreshold": defaults.LIVENESS_FAILURE_THRESHOLD,
+    "timeoutSeconds": defaults.LIVENESS_TIMEOUT,
+}
+
+
+def test_schema_defaults_are_apipool_defaults(spec_schema: dict[str, Any]) -> None:
+    """Every default the API server fills in is the one apipool.defaults defines."""
+    props = spec_schema["properties"]
+    assert {k: v["default"] for k, v in props.items() if "default" in v} == CRD_DEFAULTS
+    liveness = props["liveness"]["properties"]
+    assert {k: v["default"] for k, v in liveness.items()} == LIVENESS_DEFAULTS
+    secret_ref = props["redis"]["properties"]["secretRef"]["properties"]
+    assert secret_ref["key"]["default"] == DEFAULT_SECRET_KEY
+    # Of the field's type too: an integer for an integer field, a number for a number.
+    types = {"string": str, "integer": int, "number": (int, float), "object": dict}
+    for name, value in CRD_DEFAULTS.items():
+        assert isinstance(value, types[props[name]["type"]]), name
+
+
 def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
     """What the API server fills in is what parse_spec assumes when it is left out."""
-    props = spec_schema["properties"]
-    expected = {
-        "handler": "http",
-        "callTimeoutSeconds": 10,
-        "heartbeatIntervalSeconds": 1,
-        "maxAttempts": 3,
-        "resultTtlSeconds": 3600,
-        "maxQueueLength": 0,
-        "maxUnavailable": 1,
-        "liveness": {},
-    }
-    assert {k: v["default"] for k, v in props.items() if "default" in v} == expected
     defaulted = apply_defaults(spec_schema, MINIMAL)
-    assert defaulted["liveness"] == {"periodSeconds": 1, "failureThreshold": 3, "timeoutSeconds": 1}
-    assert defaulted["redis"]["secretRef"] == {"name": "redis", "key": "url"}
+    assert defaulted["liveness"] == LIVENESS_DEFAULTS
+    assert defaulted["redis"]["secretRef"] == {"name": "redis", "key": DEFAULT_SECRET_KEY}
     assert parse_spec("billing", defaulted) == parse_spec("billing", MINIMAL)
+    parsed = parse_spec("billing", MINIMAL)
+    assert parsed == PoolSpec(
+        slots=3,
+        image=MINIMAL["image"],
+        handler=defaults.HANDLER,
+        redis_secret="redis",
+        call_timeout_seconds=defaults.CALL_TIMEOUT,
+        heartbeat_interval_seconds=defaults.HEARTBEAT_INTERVAL,
+        max_attempts=defaults.MAX_ATTEMPTS,
+        result_ttl_seconds=defaults.RESULT_TTL,
+        max_queue_length=defaults.MAX_QUEUE_LENGTH,
+        liveness=Liveness(
+            defaults.LIVENESS_PERIOD, defaults.LIVENESS_FAILURE_THRESHOLD, defaults.LIVENESS_TIMEOUT
+        ),
+        max_unavailable=defaults.MAX_UNAVAILABLE,
+    )
 
 
 def test_every_default_is_valid_for_its_own_schema(schema: dict[str, Any]) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
+from apipool import defaults
+from apipool.cli import build_parser, slot_settings
 from apipool.operator.manifests import (
+    HEALTH_PORT,
     LABEL_HASH,
+    OWNER,
     grace_period,
     pod_name,
     selector,
@@ -16,6 +21,7 @@ from apipool.operator.manifests import (
     template_hash,
 )
 from apipool.operator.spec import InvalidSpec, PoolSpec, parse_spec
+from apipool.settings import SlotSettings, Timings
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +53,37 @@ def test_pod_has_stable_name_labels_and_probes() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["APIPOOL_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
     assert env["APIPOOL_OWNER"]["value"] == "k8s-pod-$(APIPOOL_POD_UID)"
+
+
+def test_the_slot_command_line_is_slot_settings_to_argv() -> None:
+    s = spec(
+        callTimeoutSeconds=2.5,
+        heartbeatIntervalSeconds=0.5,
+        maxAttempts=5,
+        resultTtlSeconds=600,
+        extraHandlers=["refund=billing.calls:refund"],
+    )
+    expected = SlotSettings(
+        pool="billing",
+        slot=1,
+        handlers=("http", "refund=billing.calls:refund"),
+        timings=Timings(call_timeout=2.5, heartbeat_interval=0.5),
+        max_attempts=5,
+        result_ttl=600,
+        owner=OWNER,
+        health_host="0.0.0.0",
+        health_port=defaults.HEALTH_PORT,
+    )
+    (container,) = slot_pod(s, "billing", "ns", 1)["spec"]["containers"]
+    assert container["args"] == expected.to_argv()
+    assert container["ports"][0]["containerPort"] == HEALTH_PORT == defaults.HEALTH_PORT
+    # `apipool slot` reads these arguments back into the same settings; the Redis
+    # URL is never among them (it comes from the Secret, through the environment).
+    assert not any("redis" in arg for arg in container["args"])
+    parsed = slot_settings(
+        build_parser().parse_args([*container["args"], "--redis-url", "redis://r:6379/0"])
+    )
+    assert parsed == dataclasses.replace(expected, redis_url="redis://r:6379/0", owner=parsed.owner)
 
 
 def test_pod_is_hardened() -> None:

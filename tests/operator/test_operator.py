@@ -448,6 +448,14 @@ def test_deleting_the_pool_removes_its_pods(cluster: Cluster, operator: Operator
     wait_for(pool_gone, 5, what="the pool gone (finalizer released)")
     assert cluster.slots_are(other, range(1))
 
+    # The operator forgets the deleted pool (its lock, its busy samples) and only it.
+    states = operator.reconciler.states if operator.reconciler else None
+    assert states is not None
+    wait_for(lambda: (NAMESPACE, pool) not in states, 3, what="the deleted pool forgotten")
+    cluster.wait_reconciles(other, count=1, timeout=TIMER_INTERVAL + 2)
+    assert (NAMESPACE, other) in states
+    assert (NAMESPACE, pool) not in states
+
 
 @pytest.mark.timeout(20)
 @pytest.mark.emulator(pod_grace=None, auto_ready=None)

@@ -1,6 +1,8 @@
 """Slot pod manifests, built as plain dicts from a PoolSpec (pure).
 
-Ownership (``kopf.adopt``) is added at the edge, by the handlers.
+The slot container's command line is :meth:`SlotSettings.to_argv`, the one
+function that builds an ``apipool slot`` command line. Ownership
+(``kopf.adopt``) is added at the edge, when the reconcile creates the pod.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import json
 import math
 from typing import Any
 
-from ..settings import Timings
+from .. import defaults
+from ..settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings
 from .spec import PoolSpec
 
-HEALTH_PORT = 8080
+HEALTH_PORT = defaults.HEALTH_PORT
+ENV_POD_UID = "APIPOOL_POD_UID"
+OWNER = f"k8s-pod-$({ENV_POD_UID})"
+"""The slot's owner: its pod (the kubelet expands the UID), so that a restarted
+container of the same pod takes its predecessor's lease over at once."""
 LABEL_POOL = "apipool.dev/pool"
 LABEL_SLOT = "apipool.dev/slot"
 LABEL_HASH = "apipool.dev/template-hash"
@@ -51,59 +58,60 @@ def grace_period(spec: PoolSpec) -> int:
     return math.ceil(timings(spec).shutdown_grace) + 5
 
 
-def _container(spec: PoolSpec, pool: str, index: int) -> dict[str, Any]:
-    t = timings(spec)
-    args = [
-        "slot",
-        "--pool", pool,
-        "--slot", str(index),
-        "--call-timeout", f"{t.call_timeout:g}",
-        "--heartbeat-interval", f"{t.heartbeat_interval:g}",
-        "--max-attempts", str(spec.max_attempts),
-        "--result-ttl", str(spec.result_ttl_seconds),
-        "--health-host", "0.0.0.0",
-        "--health-port", str(HEALTH_PORT),
-    ]  # fmt: skip
-    for handler in spec.handlers:
-        args += ["--handler", handler]
-    env: list[dict[str, Any]] = [
+def slot_settings(spec: PoolSpec, pool: str, index: int) -> SlotSettings:
+    """What slot ``index`` of the pool runs with. Its Redis URL is not here: it
+    reaches the process through ``APIPOOL_REDIS_URL``, from the pool's Secret."""
+    return SlotSettings(
+        pool=pool,
+        slot=index,
+        handlers=spec.handlers,
+        timings=timings(spec),
+        max_attempts=spec.max_attempts,
+        result_ttl=spec.result_ttl_seconds,
+        owner=OWNER,
+        health_host="0.0.0.0",
+        health_port=HEALTH_PORT,
+    )
+
+
+def _env(spec: PoolSpec) -> list[dict[str, Any]]:
+    return [
         {
-            "name": "APIPOOL_REDIS_URL",
+            "name": ENV_REDIS_URL,
             "valueFrom": {
                 "secretKeyRef": {"name": spec.redis_secret, "key": spec.redis_secret_key}
             },
         },
         # The pod's UID: a restarted container of the same pod is known to have
         # replaced a dead predecessor and takes the slot's lease over at once.
-        {"name": "APIPOOL_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        {"name": "APIPOOL_OWNER", "value": "k8s-pod-$(APIPOOL_POD_UID)"},
+        {"name": ENV_POD_UID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": ENV_OWNER, "value": OWNER},
         *spec.template.get("env", []),
     ]
-    probe = spec.liveness
+
+
+def _probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "health"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def _container(spec: PoolSpec, pool: str, index: int) -> dict[str, Any]:
+    live = spec.liveness
     container: dict[str, Any] = {
         "name": "slot",
         "image": spec.image,
-        "args": args,
-        "env": env,
+        "args": slot_settings(spec, pool, index).to_argv(),
+        "env": _env(spec),
         "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "health"},
-            "periodSeconds": probe.period_seconds,
-            "failureThreshold": probe.failure_threshold,
-            "timeoutSeconds": probe.timeout_seconds,
-        },
-        "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "health"},
-            "periodSeconds": 1,
-            "failureThreshold": 2,
-            "timeoutSeconds": 1,
-        },
-        "startupProbe": {
-            "httpGet": {"path": "/healthz", "port": "health"},
-            "periodSeconds": 1,
-            "failureThreshold": 30,
-            "timeoutSeconds": 1,
-        },
+        "livenessProbe": _probe(
+            "/healthz", live.period_seconds, live.failure_threshold, live.timeout_seconds
+        ),
+        "readinessProbe": _probe("/readyz", 1, 2, 1),
+        "startupProbe": _probe("/healthz", 1, 30, 1),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,

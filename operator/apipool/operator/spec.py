@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import defaults
 from ..settings import POOL_NAME
 
 GROUP = "apipool.dev"
@@ -27,6 +28,8 @@ HANDLER = re.compile(
 K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 MAX_CALL_TIMEOUT = 3600
+DEFAULT_SECRET_KEY = "url"
+"""The key of the Redis URL in the pool's Secret when spec.redis.secretRef.key is left out."""
 RESERVED_ENV_PREFIX = "APIPOOL_"
 SPEC_FIELDS = frozenset(
     {
@@ -68,9 +71,11 @@ class InvalidSpec(ValueError):
 
 @dataclass(frozen=True)
 class Liveness:
-    period_seconds: int = 1
-    failure_threshold: int = 3
-    timeout_seconds: int = 1
+    """The slot container's liveness probe (Kubernetes units: whole seconds)."""
+
+    period_seconds: int = defaults.LIVENESS_PERIOD
+    failure_threshold: int = defaults.LIVENESS_FAILURE_THRESHOLD
+    timeout_seconds: int = defaults.LIVENESS_TIMEOUT
 
     @property
     def window(self) -> int:
@@ -80,24 +85,30 @@ class Liveness:
 
 @dataclass(frozen=True)
 class PoolSpec:
+    """A checked spec: every value is within the bounds the CRD's schema states."""
+
     slots: int
     image: str
     handler: str
     redis_secret: str
-    redis_secret_key: str = "url"
+    redis_secret_key: str = DEFAULT_SECRET_KEY
     extra_handlers: tuple[str, ...] = ()
-    call_timeout_seconds: float = 10.0
-    heartbeat_interval_seconds: float = 1.0
-    max_attempts: int = 3
-    result_ttl_seconds: int = 3600
-    max_queue_length: int = 0
+    call_timeout_seconds: float = defaults.CALL_TIMEOUT
+    heartbeat_interval_seconds: float = defaults.HEARTBEAT_INTERVAL
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    result_ttl_seconds: int = defaults.RESULT_TTL
+    max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     liveness: Liveness = field(default_factory=Liveness)
-    max_unavailable: int = 1
+    max_unavailable: int = defaults.MAX_UNAVAILABLE
     template: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def handlers(self) -> tuple[str, ...]:
+        """Every handler spec, the default one first."""
         return (self.handler, *self.extra_handlers)
+
+
+# -- readers of single values ---------------------------------------------------------
 
 
 def _get(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -118,6 +129,13 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def _positive(name: str, value: float) -> float:
     if value <= 0:
         raise InvalidSpec(f"spec.{name} must be > 0, not {value}")
+    return value
+
+
+def _at_least(doc: Mapping[str, Any], name: str, low: int, default: int) -> int:
+    value: int = _get(doc, name, int, default)
+    if value < low:
+        raise InvalidSpec(f"spec.{name} must be >= {low}, not {value}")
     return value
 
 
@@ -144,49 +162,75 @@ def _check_handler(where: str, spec: str) -> str:
     return spec
 
 
-def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
-    """Read ``spec`` of pool ``name``; raise InvalidSpec with a clear message."""
+# -- readers of parts of the spec -------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
     if not POOL_NAME.match(name) or len(name) > 50:
         raise InvalidSpec(
             f"pool name {name!r} must be a DNS label of at most 50 characters "
             "(pods are named <pool>-slot-<i>)"
         )
-    unknown = sorted(set(spec) - SPEC_FIELDS)
-    if unknown:
-        raise InvalidSpec(f"unknown field(s) in spec: {', '.join(unknown)}")
-    slots = _get(spec, "slots", int, None)
+
+
+def _slots(spec: Mapping[str, Any]) -> int:
+    slots: int | None = _get(spec, "slots", int, None)
     if slots is None:
         raise InvalidSpec("spec.slots is required: the API's connection limit")
     if not 0 <= slots <= MAX_SLOTS:
         raise InvalidSpec(f"spec.slots must be between 0 and {MAX_SLOTS}, not {slots}")
-    image = _get(spec, "image", str, "")
+    return slots
+
+
+def _image(spec: Mapping[str, Any]) -> str:
+    image: str = _get(spec, "image", str, "")
     if not image.strip():
         raise InvalidSpec("spec.image is required")
     if any(c.isspace() for c in image):
         raise InvalidSpec(f"spec.image {image!r} must not contain white space")
-    handler = _check_handler("spec.handler", _get(spec, "handler", str, "http"))
+    return image
+
+
+def _handlers(spec: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The default handler and the extra ones, each well-formed, no name twice."""
+    handler = _check_handler("spec.handler", _get(spec, "handler", str, defaults.HANDLER))
     extra = _get(spec, "extraHandlers", list, [])
     extra_handlers = tuple(_check_handler("spec.extraHandlers item", str(h)) for h in extra)
     names = [_handler_name(h) for h in (handler, *extra_handlers)]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InvalidSpec(f"handler name(s) given twice: {', '.join(twice)}")
+    return handler, extra_handlers
+
+
+def _redis_secret(spec: Mapping[str, Any]) -> tuple[str, str]:
+    """The name of the Secret holding the Redis URL, and the URL's key in it."""
     redis = _get(spec, "redis", dict, {})
     secret_ref = redis.get("secretRef") or {}
     if not isinstance(secret_ref, dict) or not secret_ref.get("name"):
         raise InvalidSpec("spec.redis.secretRef.name is required: a Secret holding the Redis URL")
-    secret_name, secret_key = secret_ref["name"], secret_ref.get("key") or "url"
+    secret_name, secret_key = secret_ref["name"], secret_ref.get("key") or DEFAULT_SECRET_KEY
     if not isinstance(secret_name, str) or not K8S_NAME.fullmatch(secret_name):
         raise InvalidSpec(f"spec.redis.secretRef.name {secret_name!r} is not a Secret name")
     if not isinstance(secret_key, str) or not SECRET_KEY.fullmatch(secret_key):
         raise InvalidSpec(f"spec.redis.secretRef.key {secret_key!r} is not a Secret key")
-    liveness_doc = _get(spec, "liveness", dict, {})
-    liveness = Liveness(
-        period_seconds=_whole(liveness_doc, "liveness", "periodSeconds", 1),
-        failure_threshold=_whole(liveness_doc, "liveness", "failureThreshold", 3),
-        timeout_seconds=_whole(liveness_doc, "liveness", "timeoutSeconds", 1),
+    return secret_name, secret_key
+
+
+def _liveness(spec: Mapping[str, Any]) -> Liveness:
+    doc = _get(spec, "liveness", dict, {})
+    return Liveness(
+        period_seconds=_whole(doc, "liveness", "periodSeconds", defaults.LIVENESS_PERIOD),
+        failure_threshold=_whole(
+            doc, "liveness", "failureThreshold", defaults.LIVENESS_FAILURE_THRESHOLD
+        ),
+        timeout_seconds=_whole(doc, "liveness", "timeoutSeconds", defaults.LIVENESS_TIMEOUT),
     )
-    template = _get(spec, "template", dict, {})
+
+
+def _template(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """spec.template: only the supported keys, and no APIPOOL_* variable in its env."""
+    template: Mapping[str, Any] = _get(spec, "template", dict, {})
     bad_keys = sorted(set(template) - TEMPLATE_KEYS)
     if bad_keys:
         raise InvalidSpec(
@@ -204,22 +248,39 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
             f"spec.template.env may not set {', '.join(reserved)}: "
             f"{RESERVED_ENV_PREFIX}* variables are set by the operator"
         )
-    call_timeout = float(
-        _positive("callTimeoutSeconds", _get(spec, "callTimeoutSeconds", (int, float), 10.0))
-    )
+    return template
+
+
+def _call_timeout(spec: Mapping[str, Any]) -> float:
+    value = _get(spec, "callTimeoutSeconds", (int, float), defaults.CALL_TIMEOUT)
+    call_timeout = float(_positive("callTimeoutSeconds", value))
     if call_timeout > MAX_CALL_TIMEOUT:
         raise InvalidSpec(
             f"spec.callTimeoutSeconds must be <= {MAX_CALL_TIMEOUT}, not {call_timeout:g}"
         )
-    max_attempts = _get(spec, "maxAttempts", int, 3)
-    if max_attempts < 1:
-        raise InvalidSpec(f"spec.maxAttempts must be >= 1, not {max_attempts}")
-    max_queue = _get(spec, "maxQueueLength", int, 0)
-    if max_queue < 0:
-        raise InvalidSpec(f"spec.maxQueueLength must be >= 0, not {max_queue}")
-    max_unavailable = _get(spec, "maxUnavailable", int, 1)
-    if max_unavailable < 1:
-        raise InvalidSpec(f"spec.maxUnavailable must be >= 1, not {max_unavailable}")
+    return call_timeout
+
+
+def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
+    """Read ``spec`` of pool ``name``; raise InvalidSpec with a clear message.
+
+    A field left out (or null) gets the default of :mod:`apipool.defaults`, the
+    same the CRD's schema fills in; the checks run in a fixed order, so a spec
+    with several faults always names the same one."""
+    _check_name(name)
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"unknown field(s) in spec: {', '.join(unknown)}")
+    slots, image = _slots(spec), _image(spec)
+    handler, extra_handlers = _handlers(spec)
+    secret_name, secret_key = _redis_secret(spec)
+    liveness, template = _liveness(spec), _template(spec)
+    call_timeout = _call_timeout(spec)
+    max_attempts = _at_least(spec, "maxAttempts", 1, defaults.MAX_ATTEMPTS)
+    max_queue = _at_least(spec, "maxQueueLength", 0, defaults.MAX_QUEUE_LENGTH)
+    max_unavailable = _at_least(spec, "maxUnavailable", 1, defaults.MAX_UNAVAILABLE)
+    heartbeat = _get(spec, "heartbeatIntervalSeconds", (int, float), defaults.HEARTBEAT_INTERVAL)
+    result_ttl = _get(spec, "resultTtlSeconds", int, defaults.RESULT_TTL)
     return PoolSpec(
         slots=slots,
         image=image,
@@ -228,16 +289,9 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         redis_secret=secret_name,
         redis_secret_key=secret_key,
         call_timeout_seconds=call_timeout,
-        heartbeat_interval_seconds=float(
-            _positive(
-                "heartbeatIntervalSeconds",
-                _get(spec, "heartbeatIntervalSeconds", (int, float), 1.0),
-            )
-        ),
+        heartbeat_interval_seconds=float(_positive("heartbeatIntervalSeconds", heartbeat)),
         max_attempts=max_attempts,
-        result_ttl_seconds=int(
-            _positive("resultTtlSeconds", _get(spec, "resultTtlSeconds", int, 3600))
-        ),
+        result_ttl_seconds=int(_positive("resultTtlSeconds", result_ttl)),
         max_queue_length=max_queue,
         liveness=liveness,
         max_unavailable=max_unavailable,

@@ -42,43 +42,19 @@ def condition(
     }
 
 
-def build_status(
+def _conditions(
     *,
     slots: int,
-    selector: str,
-    pods: Sequence[ObservedPod],
-    template_hash: str,
-    actions: Sequence[Action],
-    stats: PoolStats | None,
-    utilization: float | None,
+    ready: int,
+    current: int,
+    settled: bool,
+    pending: int,
     problem: Problem | None,
     generation: int,
     now: str,
-    previous: Sequence[Mapping[str, Any]] = (),
-) -> dict[str, Any]:
-    ready = sum(1 for p in pods if p.index < slots and p.ready and not p.terminating)
-    current = sum(
-        1
-        for p in pods
-        if p.index < slots and p.template_hash == template_hash and not p.terminating
-    )
-    settled = not actions and current == slots and len(pods) == slots
-    status: dict[str, Any] = {
-        "desiredSlots": slots,
-        "readySlots": ready,
-        "updatedSlots": current,
-        "selector": selector,
-        "observedGeneration": generation,
-    }
-    if stats is not None:
-        status.update(
-            busySlots=stats.busy,
-            queueDepth=stats.queued,
-            inFlight=sum(stats.inflight.values()),
-            deadLetters=stats.dead_letters,
-        )
-    if utilization is not None:
-        status["utilization"] = round(utilization, 4)
+    previous: Sequence[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Ready, Progressing and Degraded, in that order."""
 
     def cond(kind: str, value: bool, reason: str, message: str) -> dict[str, Any]:
         return condition(
@@ -101,7 +77,58 @@ def build_status(
             "Progressing",
             True,
             "Reconciling",
-            f"{current}/{slots} slots up to date, {len(actions)} action(s) pending",
+            f"{current}/{slots} slots up to date, {pending} action(s) pending",
         )
-    status["conditions"] = [ready_cond, progressing, degraded]
+    return [ready_cond, progressing, degraded]
+
+
+def build_status(
+    *,
+    slots: int,
+    selector: str,
+    pods: Sequence[ObservedPod],
+    template_hash: str,
+    actions: Sequence[Action],
+    stats: PoolStats | None,
+    utilization: float | None,
+    problem: Problem | None,
+    generation: int,
+    now: str,
+    previous: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The whole status of a pool: slot counts, the Redis figures when known
+    (``stats``), and the three conditions."""
+    ready = sum(1 for p in pods if p.index < slots and p.ready and not p.terminating)
+    current = sum(
+        1
+        for p in pods
+        if p.index < slots and p.template_hash == template_hash and not p.terminating
+    )
+    status: dict[str, Any] = {
+        "desiredSlots": slots,
+        "readySlots": ready,
+        "updatedSlots": current,
+        "selector": selector,
+        "observedGeneration": generation,
+    }
+    if stats is not None:
+        status.update(
+            busySlots=stats.busy,
+            queueDepth=stats.queued,
+            inFlight=sum(stats.inflight.values()),
+            deadLetters=stats.dead_letters,
+        )
+    if utilization is not None:
+        status["utilization"] = round(utilization, 4)
+    status["conditions"] = _conditions(
+        slots=slots,
+        ready=ready,
+        current=current,
+        settled=not actions and current == slots and len(pods) == slots,
+        pending=len(actions),
+        problem=problem,
+        generation=generation,
+        now=now,
+        previous=previous,
+    )
     return status

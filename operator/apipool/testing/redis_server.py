@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -29,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..supervisor import free_port
+from .polling import WaitTimeout, wait_for
 
 __all__ = [
     "RedisServer",
@@ -162,34 +162,35 @@ class RedisServer:
             raise
 
     def _wait_ready(self) -> None:
+        errors: list[Exception] = []
+        try:
+            wait_for(lambda: self._answers_ping(errors), START_DEADLINE, what="redis-server PING")
+        except WaitTimeout:
+            why = f"redis-server did not answer PING within {START_DEADLINE:g} s"
+            if errors:
+                why += f" (last error: {errors[0]})"
+            raise RedisServerFailed(self._failure(why)) from None
+
+    def _answers_ping(self, errors: list[Exception]) -> bool:
+        """One PING; its error, if any, replaces ``errors``. Raise if the process has exited."""
         assert self._proc is not None
-        assert self._workdir is not None
-        deadline = time.monotonic() + START_DEADLINE
-        last_error: Exception | None = None
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise RedisServerFailed(self._failure(f"redis-server exited with status {code}"))
-            client = redis.Redis(
-                host="127.0.0.1",
-                port=self._port,
-                socket_timeout=0.5,
-                socket_connect_timeout=0.5,
-                retry=Retry(NoBackoff(), 0),
-            )
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError as exc:  # refused, or still loading the AOF
-                last_error = exc
-            finally:
-                client.close()
-            if time.monotonic() >= deadline:
-                why = f"redis-server did not answer PING within {START_DEADLINE:g} s"
-                if last_error is not None:
-                    why += f" (last error: {last_error})"
-                raise RedisServerFailed(self._failure(why))
-            time.sleep(0.02)
+        code = self._proc.poll()
+        if code is not None:
+            raise RedisServerFailed(self._failure(f"redis-server exited with status {code}"))
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self._port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            return bool(client.ping())
+        except redis.RedisError as exc:  # refused, or still loading the AOF
+            errors[:] = [exc]
+            return False
+        finally:
+            client.close()
 
     def _failure(self, why: str) -> str:
         assert self._workdir is not None

@@ -1,4 +1,4 @@
-"""The throwaway redis-server: start, restart with and without AOF, pause, missing binary."""
+"""The throwaway redis-server: start, restart with and without AOF, pause, failures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from apipool.errors import ApipoolError
+from apipool.testing import redis_server
 from apipool.testing.redis_server import (
     RedisServer,
     RedisServerError,
@@ -153,3 +154,23 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.timeout(30)
+def test_a_server_that_never_answers_fails_with_the_last_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mute = tmp_path / "mute-redis-server"
+    mute.write_text("#!/bin/sh\nexec sleep 30\n")  # runs, never listens
+    mute.chmod(0o755)
+    monkeypatch.setattr(redis_server, "START_DEADLINE", 0.5)
+    server = RedisServer(binary=str(mute))
+    try:
+        with pytest.raises(RedisServerFailed) as info:
+            server.start()
+        message = str(info.value)
+        assert "did not answer PING within 0.5 s (last error: " in message
+        assert f"port {server.port}" in message
+        assert not server.running  # killed, not left behind
+    finally:
+        server.close()

@@ -1,0 +1,112 @@
+"""A slot's heartbeat: keeps its lease and tells liveness that the process is alive.
+
+Guarantees of :class:`Heartbeat`:
+
+- one beat every ``interval`` (measured from the start of the previous one):
+  renew the lease, or try to acquire it, then read the pool's size;
+- :attr:`Heartbeat.last_tick` is the clock at the start of the latest beat, and
+  :attr:`Heartbeat.redis_ok` whether that beat reached Redis;
+- tasks in :meth:`Heartbeat.wait_change` wake after every beat and at
+  :meth:`Heartbeat.wake`;
+- when the process's parent is no longer ``parent_pid`` (the local supervisor is
+  gone), ``on_orphaned`` is called, once;
+- :meth:`Heartbeat.run` ends when cancelled, also when redis-py turned the cancel
+  into a :class:`~redis.exceptions.RedisError` inside a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .lease import Lease
+from .metrics import SlotMetrics
+
+log = logging.getLogger("apipool.slot")
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        lease: Lease,
+        r: aioredis.Redis,
+        interval: float,
+        *,
+        metrics: SlotMetrics | None = None,
+        parent_pid: int | None = None,
+        on_orphaned: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lease = lease
+        self.r = r
+        self.interval = interval
+        self.metrics = metrics
+        self.parent_pid = parent_pid
+        self.on_orphaned = on_orphaned
+        self._clock = clock
+        self.last_tick = clock()
+        self.redis_ok = False
+        self._changed = asyncio.Event()
+        self._orphaned = False
+
+    def since_tick(self) -> float:
+        """Seconds since the latest beat started."""
+        return self._clock() - self.last_tick
+
+    async def beat(self) -> None:
+        """One beat: keep or get the lease, read the pool's size; Redis errors are
+        recorded in ``redis_ok``, never raised."""
+        was_held = self.lease.held
+        try:
+            await self.lease.refresh(self.r)
+            await self.lease.check_pool_size(self.r)
+            self.redis_ok = True
+        except RedisError as exc:
+            if self.redis_ok:
+                log.warning("redis unreachable at heartbeat: %s", exc)
+            self.redis_ok = False
+        if self.metrics is not None:
+            if was_held and not self.lease.held:
+                self.metrics.lease_losses.inc()
+            self.metrics.lease_held.set(1 if self.lease.valid_for(0) else 0)
+        self._changed.set()
+
+    def _watch_parent(self) -> None:
+        parent = self.parent_pid
+        if parent is None or self._orphaned or os.getppid() == parent:
+            return
+        self._orphaned = True
+        log.warning("supervisor (pid %d) is gone; stopping", parent)
+        if self.on_orphaned is not None:
+            self.on_orphaned()
+
+    async def run(self) -> None:
+        """Beat until cancelled."""
+        task = asyncio.current_task()
+        while True:
+            started = self._clock()
+            self.last_tick = started
+            self._watch_parent()
+            await self.beat()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands inside a command into a
+                # RedisError, which beat() takes for an outage: honour it.
+                raise asyncio.CancelledError
+            await asyncio.sleep(max(0.0, self.interval - (self._clock() - started)))
+
+    async def wait_change(self, timeout: float) -> None:
+        """Return after the next beat or wake(), or after ``timeout`` seconds."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def wake(self) -> None:
+        """Wake every task in wait_change (a stop began)."""
+        self._changed.set()

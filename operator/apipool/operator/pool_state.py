@@ -1,0 +1,106 @@
+"""What the operator remembers about each pool between reconciles, and for how long.
+
+:class:`PoolStates` owns one :class:`PoolState` per pool: the lock that keeps
+the reconciles of a pool from overlapping, and the samples of its busy-time
+counter that status.utilization is averaged over. An entry is made when a
+reconcile first holds the pool, and removed once the pool is gone (deleted, or
+found missing) and nobody holds or waits for it, so that the operator's memory
+follows the pools that exist, not every pool it ever saw.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..stats import PoolStats
+
+PoolKey = tuple[str, str]
+"""(namespace, name) of a pool."""
+
+MIN_WINDOW = 5.0
+"""Seconds of samples needed before utilization is averaged; before that it is
+the busy share at this moment."""
+
+
+@dataclass
+class PoolState:
+    """One pool's memory. Its fields are used only while its lock is held."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy_samples: deque[tuple[float, int]] = field(default_factory=deque)
+    """(monotonic time, the pool's busy_ms counter) of recent reconciles, oldest first."""
+    users: int = 0
+    """Threads that hold or wait for the lock (guarded by PoolStates)."""
+    gone: bool = False
+    """The pool is gone: drop this entry when the last user leaves."""
+
+    def utilization(self, stats: PoolStats, now: float, window: float) -> float | None:
+        """Busy slot-seconds / (N x seconds) over about the last ``window`` seconds,
+        from the busy_ms counter; adds this sample. None when the pool has no slots."""
+        samples = self.busy_samples
+        samples.append((now, stats.counters.get("busy_ms", 0)))
+        while len(samples) > 2 and now - samples[1][0] >= window:
+            samples.popleft()
+        then, busy_then = samples[0]
+        if stats.slots <= 0:
+            return None
+        if now - then < MIN_WINDOW:
+            return stats.utilization  # too soon for a window: busy slots right now
+        busy = (samples[-1][1] - busy_then) / 1000.0
+        return max(0.0, min(1.0, busy / (stats.slots * (now - then))))
+
+
+class PoolStates:
+    """The :class:`PoolState` of every pool this operator tends. Thread-safe.
+
+    Guarantees: at any moment every thread inside :meth:`hold` for one pool
+    shares one entry (so one lock: reconciles of a pool never overlap), and an
+    entry that :meth:`forget` was called for is gone as soon as no thread holds
+    or waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._states: dict[PoolKey, PoolState] = {}
+
+    @contextmanager
+    def hold(self, key: PoolKey) -> Iterator[PoolState]:
+        """Wait for the pool's lock and hold it; yields the pool's state."""
+        with self._guard:
+            state = self._states.setdefault(key, PoolState())
+            state.users += 1
+        try:
+            with state.lock:
+                yield state
+        finally:
+            with self._guard:
+                state.users -= 1
+                if state.gone and state.users == 0 and self._states.get(key) is state:
+                    del self._states[key]
+
+    def forget(self, key: PoolKey) -> None:
+        """The pool is gone: drop its entry now, or when its last holder leaves."""
+        with self._guard:
+            state = self._states.get(key)
+            if state is None:
+                return
+            state.gone = True
+            if state.users == 0:
+                del self._states[key]
+
+    def keys(self) -> set[PoolKey]:
+        """The pools that have an entry now."""
+        with self._guard:
+            return set(self._states)
+
+    def __contains__(self, key: object) -> bool:
+        with self._guard:
+            return key in self._states
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._states)

@@ -1,0 +1,300 @@
+"""One reconcile of a pool: observe, plan, apply, report.
+
+:meth:`Reconciler.reconcile` reads the pool again, then
+
+1. :meth:`~Reconciler.observe`: its slot pods, its spec (or why it is
+   invalid) and its Redis URL (or why it cannot be had);
+2. :meth:`~Reconciler.plan`: the pod actions the pure ``planning.plan``
+   wants, and which of them may run now;
+3. :meth:`~Reconciler.apply`: those actions, then the pool's Redis: N and the
+   queue bound published, the in-flight lists of removed slots reaped, the
+   stats read;
+4. :meth:`~Reconciler.report`: an Event for a new problem, and the status.
+
+Reconciles of one pool never overlap in this process.
+
+Error contract: an invalid spec sets the ``Degraded`` condition and posts an
+Event, and is not retried (nothing to retry until the spec changes); a missing
+Secret or an unreachable Redis set the condition and post an Event too, and are
+retried with back-off when the caller asks (``retry_problems``); errors of the
+Kubernetes API are raised as ``kopf.TemporaryError``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
+
+from ..errors import ApipoolError
+from ..stats import PoolStats, read_stats, write_pool_config
+from . import redis_ops
+from .config import OperatorSettings
+from .kube import KubeApi, label_selector, load_config
+from .manifests import slot_pod, template_hash
+from .planning import Action, Create, Delete, Desired, ObservedPod, plan
+from .pool_state import PoolKey, PoolState, PoolStates
+from .spec import InvalidSpec, PoolSpec, parse_spec
+from .status import Problem, build_status
+
+PROBLEM_RETRY_DELAY = 15.0
+"""Seconds kopf waits before it retries a pool whose Secret or Redis failed."""
+
+RECONCILES = Counter(
+    "apipool_operator_reconciles", "Reconciles of pools, by result (ok, retry, error)", ["result"]
+)
+ACTIONS = Counter("apipool_operator_actions", "Slot pods created and deleted", ["action"])
+RECONCILE_SECONDS = Histogram("apipool_operator_reconcile_seconds", "Time one reconcile takes")
+
+
+def utc_now() -> str:
+    """The current time as conditions carry it (RFC 3339, whole seconds, UTC)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _body(obj: Mapping[str, Any]) -> kopf.Body:
+    """kopf's posting and adoption helpers read plain mappings too; their types say Body."""
+    return cast(kopf.Body, obj)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a reconcile saw of a pool before it changed anything."""
+
+    body: Mapping[str, Any]
+    """The pool as the API server had it."""
+    pods: list[ObservedPod]
+    spec: PoolSpec | None
+    """None: the spec is invalid (``problem`` says why)."""
+    template_hash: str = ""
+    redis_url: str | None = None
+    """None: not known (``problem`` says why, unless the spec is invalid)."""
+    problem: Problem | None = None
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The actions the pool needs, and the ones this reconcile takes."""
+
+    actions: list[Action] = field(default_factory=list)
+    """Everything that would bring the pods in line (reported as pending)."""
+    allowed: list[Action] = field(default_factory=list)
+    """The subset that is safe now."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What became of the pool's Redis during :meth:`Reconciler.apply`."""
+
+    stats: PoolStats | None = None
+    utilization: float | None = None
+    problem: Problem | None = None
+
+
+class Reconciler:
+    """Reconciles pools; owns the API clients and each pool's memory.
+
+    One instance serves one operator (one kopf registry); its methods are called
+    from kopf's handler threads, several at once.
+    """
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        *,
+        kube: KubeApi | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], str] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube if kube is not None else KubeApi()
+        self.states = PoolStates()
+        self._clock = clock
+        self._now = now
+
+    def connect(self) -> None:
+        """Load the client configuration; API calls from now on use it."""
+        load_config()
+        self.kube.reset()
+
+    # -- entry points ------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str, *, retry_problems: bool = False) -> None:
+        """Bring one pool's pods, Redis bookkeeping and status in line with its spec.
+
+        A pool that is gone or being deleted is left alone (and forgotten)."""
+        key: PoolKey = (namespace, name)
+        with self.states.hold(key) as state, RECONCILE_SECONDS.time():
+            try:
+                # Read the pool again under the lock: the body kopf hands over can predate
+                # the status the previous reconcile wrote, and whether a problem is new
+                # (an Event) or a condition flips is decided against that status.
+                body = self.kube.read_pool(namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    self.states.forget(key)
+                else:
+                    self._reconcile(body, state, retry_problems=retry_problems)
+            except kopf.TemporaryError:
+                RECONCILES.labels("retry").inc()
+                raise
+            except Exception:
+                RECONCILES.labels("error").inc()
+                raise
+            RECONCILES.labels("ok").inc()
+
+    def remove(self, namespace: str, name: str) -> None:
+        """The pool is being deleted: delete its slot pods now (ownership would
+        let the garbage collector do it, later) and forget the pool."""
+        for pod in self.kube.slot_pods(namespace, name):
+            self.kube.delete_pod(namespace, pod.name)
+        self.states.forget((namespace, name))
+
+    def _reconcile(
+        self, body: Mapping[str, Any], state: PoolState, *, retry_problems: bool
+    ) -> None:
+        seen = self.observe(body)
+        todo = self.plan(seen)
+        applied = self.apply(seen, todo, state)
+        problem = self.report(seen, todo, applied)
+        if problem is not None and retry_problems and seen.spec is not None:
+            raise kopf.TemporaryError(problem.message, delay=PROBLEM_RETRY_DELAY)
+
+    # -- the four steps ----------------------------------------------------------------
+
+    def observe(self, body: Mapping[str, Any]) -> Observation:
+        """The pool's slot pods, its checked spec and its Redis URL."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        pods = self.kube.slot_pods(namespace, name)
+        try:
+            spec = parse_spec(name, body.get("spec") or {})
+        except InvalidSpec as exc:
+            return Observation(body, pods, None, problem=Problem("InvalidSpec", str(exc)))
+        digest = template_hash(spec, name)
+        try:
+            url = self.kube.redis_url(namespace, spec)
+        except ApipoolError as exc:
+            return Observation(
+                body, pods, spec, digest, problem=Problem("RedisSecretMissing", str(exc))
+            )
+        return Observation(body, pods, spec, digest, redis_url=url)
+
+    def plan(self, seen: Observation) -> PoolPlan:
+        """The pod actions; with a problem only scale-down runs (without the
+        Secret new pods could not start, and fewer calls is always safe)."""
+        spec = seen.spec
+        if spec is None:
+            return PoolPlan()  # invalid until the spec changes: existing slots stay
+        actions = plan(Desired(spec.slots, seen.template_hash, spec.max_unavailable), seen.pods)
+        allowed = [
+            a
+            for a in actions
+            if seen.problem is None or (isinstance(a, Delete) and a.index >= spec.slots)
+        ]
+        return PoolPlan(actions, allowed)
+
+    def apply(self, seen: Observation, todo: PoolPlan, state: PoolState) -> Applied:
+        """Run the allowed pod actions, then bring the pool's Redis in line."""
+        spec = seen.spec
+        if spec is None:
+            return Applied()
+        for action in todo.allowed:
+            self._act(seen.body, spec, action)
+        if seen.redis_url is None:
+            return Applied()
+        return self._sync_redis(seen, spec, seen.redis_url, state)
+
+    def report(self, seen: Observation, todo: PoolPlan, applied: Applied) -> Problem | None:
+        """Post an Event for a new problem and write the status; returns the problem."""
+        problem = applied.problem or seen.problem
+        self._post_problem(seen.body, problem)
+        spec = seen.spec
+        status = build_status(
+            slots=spec.slots if spec is not None else len(seen.pods),
+            selector=label_selector(seen.name),
+            pods=seen.pods,
+            template_hash=seen.template_hash,
+            actions=todo.actions,
+            stats=applied.stats,
+            utilization=applied.utilization,
+            problem=problem,
+            generation=int(seen.body["metadata"].get("generation") or 0),
+            now=self._now(),
+            previous=self._conditions(seen.body),
+        )
+        if spec is None:
+            status["desiredSlots"] = (seen.body.get("spec") or {}).get("slots")
+        self.kube.write_status(seen.namespace, seen.name, status)
+        return problem
+
+    # -- the parts of apply and report -------------------------------------------------
+
+    def _act(self, body: Mapping[str, Any], spec: PoolSpec, action: Action) -> None:
+        namespace, pool = body["metadata"]["namespace"], body["metadata"]["name"]
+        if isinstance(action, Create):
+            manifest = slot_pod(spec, pool, namespace, action.index)
+            kopf.adopt(manifest, owner=_body(body))
+            if self.kube.create_pod(namespace, manifest):
+                ACTIONS.labels("create").inc()
+                message = f"created {manifest['metadata']['name']}"
+                kopf.info(_body(body), reason="SlotCreated", message=message)
+        elif self.kube.delete_pod(namespace, action.name):
+            ACTIONS.labels("delete").inc()
+            message = f"deleted {action.name}: {action.reason}"
+            kopf.info(_body(body), reason="SlotDeleted", message=message)
+
+    def _sync_redis(self, seen: Observation, spec: PoolSpec, url: str, state: PoolState) -> Applied:
+        """Publish N and the queue bound, reap removed slots, read the stats."""
+        name = seen.name
+        stats: PoolStats | None = None
+        try:
+            r = redis_ops.connect(url, self.settings.redis_timeout)
+            try:
+                write_pool_config(r, name, slots=spec.slots, max_queue_length=spec.max_queue_length)
+                # Slots >= N will not come back: return their jobs. A slot < N
+                # without a pod is recreated, and its new process recovers what
+                # its predecessor left (never racing a live holder).
+                live = {p.index for p in seen.pods}
+                for slot in redis_ops.orphaned_slots(r, name, live):
+                    if slot >= spec.slots:
+                        redis_ops.reap(
+                            r,
+                            name,
+                            slot,
+                            max_attempts=spec.max_attempts,
+                            result_ttl_seconds=spec.result_ttl_seconds,
+                        )
+                stats = read_stats(r, name, slots=spec.slots)
+            finally:
+                r.close()
+        except (RedisError, ApipoolError) as exc:
+            return Applied(stats, None, Problem("RedisUnreachable", f"Redis of pool {name}: {exc}"))
+        window = self.settings.utilization_window
+        return Applied(stats, state.utilization(stats, self._clock(), window))
+
+    @staticmethod
+    def _conditions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        return list((body.get("status") or {}).get("conditions") or [])
+
+    def _post_problem(self, body: Mapping[str, Any], problem: Problem | None) -> None:
+        """A Warning Event when a problem appears or changes, not on every reconcile."""
+        if problem is None:
+            return
+        before = next((c for c in self._conditions(body) if c.get("type") == "Degraded"), {})
+        if before.get("status") == "True" and before.get("message") == problem.message:
+            return
+        kopf.warn(_body(body), reason=problem.reason, message=problem.message)
