@@ -8,7 +8,7 @@ import pytest
 
 from apipool import defaults
 from apipool.cli import build_parser, slot_settings
-from apipool.settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings
+from apipool.settings import ENV_OWNER, ENV_REDIS_URL, HttpPolicy, Limits, SlotSettings, Timings
 from apipool.supervisor import SupervisorSettings
 
 pytestmark = pytest.mark.unit
@@ -35,7 +35,18 @@ URL = "redis://:s3cret@127.0.0.1:6390/2"
             ),
             max_attempts=5,
             result_ttl=12.5,
-            max_envelope_bytes=4096,
+            limits=Limits(
+                max_envelope_bytes=4096,
+                max_result_bytes=2048,
+                max_response_bytes=1 << 16,
+                max_dead_letters=0,
+            ),
+            http=HttpPolicy(
+                allow_urls=("http://127.0.0.1:8080/", "https://api.example/v1/"),
+                follow_redirects=True,
+                redact_headers=("x-secret",),
+            ),
+            allow_eviction=True,
             health_host="0.0.0.0",
             health_port=0,
             parent_pid=4242,
@@ -72,5 +83,7 @@ def test_the_command_line_and_the_settings_share_their_defaults(
     assert up.max_queue_length == supervisor.max_queue_length == defaults.MAX_QUEUE_LENGTH
     assert up.max_attempts == supervisor.max_attempts == defaults.MAX_ATTEMPTS
     assert up.result_ttl == supervisor.result_ttl == defaults.RESULT_TTL
-    assert up.max_envelope_bytes == supervisor.max_envelope_bytes == defaults.MAX_ENVELOPE_BYTES
+    assert up.max_envelope_bytes == supervisor.limits.max_envelope_bytes
+    assert supervisor.limits.max_envelope_bytes == defaults.MAX_ENVELOPE_BYTES
+    assert up.max_dead_letters == supervisor.limits.max_dead_letters == defaults.MAX_DEAD_LETTERS
     assert up.call_timeout == supervisor.timings.call_timeout == defaults.CALL_TIMEOUT

@@ -26,7 +26,7 @@ from apipool import Client, JobFailed
 from apipool import supervisor as supervisor_module
 from apipool.errors import ConfigError
 from apipool.layout import PoolKeys
-from apipool.settings import ENV_OWNER, ENV_REDIS_URL, Timings
+from apipool.settings import ENV_OWNER, ENV_REDIS_URL, HttpPolicy, Limits, Timings
 from apipool.stats import read_stats
 from apipool.supervisor import (
     SlotEvent,
@@ -219,14 +219,19 @@ def test_slot_settings_follow_the_supervisor_settings(tmp_path: Path) -> None:
             timings=timings,
             max_attempts=4,
             result_ttl=60,
-            max_envelope_bytes=4096,
+            limits=Limits(max_envelope_bytes=4096, max_dead_letters=5),
+            http=HttpPolicy(allow_urls=("http://127.0.0.1:9/",)),
+            allow_eviction=True,
         )
     )
     slot = sup.slot_settings(2, 4321)
     assert (slot.pool, slot.slot, slot.health_port) == ("billing", 2, 4321)
     assert slot.handlers == ("tests.handlers:echo",)
     assert slot.timings == timings
-    assert (slot.max_attempts, slot.result_ttl, slot.max_envelope_bytes) == (4, 60, 4096)
+    assert (slot.max_attempts, slot.result_ttl) == (4, 60)
+    assert slot.limits == Limits(max_envelope_bytes=4096, max_dead_letters=5)
+    assert slot.http.allow_urls == ("http://127.0.0.1:9/",)
+    assert slot.allow_eviction
     assert slot.owner == sup.owner
     assert slot.parent_pid == os.getpid()
     assert slot.redis_url == ""  # not part of what travels on a command line

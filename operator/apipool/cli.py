@@ -17,7 +17,14 @@ import redis
 from . import __version__, defaults
 from .errors import ApipoolError, ConfigError
 from .exitcodes import ExitCode, for_error, for_outcome
-from .settings import ENV_REDIS_URL, SlotSettings, Timings, default_redis_url
+from .settings import (
+    ENV_REDIS_URL,
+    HttpPolicy,
+    Limits,
+    SlotSettings,
+    Timings,
+    default_redis_url,
+)
 
 EXTRA_OF_MODULE = {
     "aiohttp": "slot",
@@ -78,8 +85,54 @@ def _add_slot_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--take-block", type=_positive, default=t.take_block, metavar="S")
     p.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS, metavar="K")
     p.add_argument("--result-ttl", type=_positive, default=defaults.RESULT_TTL, metavar="S")
+    lim = Limits()
+    p.add_argument("--max-envelope-bytes", type=int, default=lim.max_envelope_bytes, metavar="B")
+    p.add_argument("--max-result-bytes", type=int, default=lim.max_result_bytes, metavar="B")
+    p.add_argument("--max-response-bytes", type=int, default=lim.max_response_bytes, metavar="B")
+    p.add_argument("--max-dead-letters", type=_count, default=lim.max_dead_letters, metavar="K")
     p.add_argument(
-        "--max-envelope-bytes", type=int, default=defaults.MAX_ENVELOPE_BYTES, metavar="B"
+        "--allow-url",
+        action="append",
+        dest="allow_urls",
+        default=[],
+        metavar="URL",
+        help="URL prefix the http handler may call; repeatable (default: any public address;"
+        " loopback and private addresses only when a prefix names them)",
+    )
+    p.add_argument(
+        "--follow-redirects",
+        action="store_true",
+        help="http handler: follow redirects (credentials stay on their origin)",
+    )
+    p.add_argument(
+        "--redact-header",
+        action="append",
+        dest="redact_headers",
+        default=[],
+        metavar="NAME",
+        help="also redact this header in logs and dead letters",
+    )
+    p.add_argument(
+        "--allow-eviction",
+        action="store_true",
+        help="serve although Redis may evict keys (maxmemory without noeviction)",
+    )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_envelope_bytes=args.max_envelope_bytes,
+        max_result_bytes=args.max_result_bytes,
+        max_response_bytes=args.max_response_bytes,
+        max_dead_letters=args.max_dead_letters,
+    )
+
+
+def _http_policy(args: argparse.Namespace) -> HttpPolicy:
+    return HttpPolicy(
+        allow_urls=tuple(args.allow_urls),
+        follow_redirects=args.follow_redirects,
+        redact_headers=tuple(args.redact_headers),
     )
 
 
@@ -195,7 +248,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timings=_timings(args),
         max_attempts=args.max_attempts,
         result_ttl=args.result_ttl,
-        max_envelope_bytes=args.max_envelope_bytes,
+        limits=_limits(args),
+        http=_http_policy(args),
+        allow_eviction=args.allow_eviction,
         max_queue_length=args.max_queue_length,
         liveness_window=args.liveness_window,
         log_dir=args.log_dir,
@@ -214,7 +269,9 @@ def slot_settings(args: argparse.Namespace) -> SlotSettings:
         timings=_timings(args),
         max_attempts=args.max_attempts,
         result_ttl=args.result_ttl,
-        max_envelope_bytes=args.max_envelope_bytes,
+        limits=_limits(args),
+        http=_http_policy(args),
+        allow_eviction=args.allow_eviction,
         health_host=args.health_host,
         health_port=args.health_port,
         parent_pid=args.parent_pid,

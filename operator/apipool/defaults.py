@@ -41,3 +41,26 @@ MAX_UNAVAILABLE: Final = 1
 """Kubernetes: slots replaced at once during a rolling replacement."""
 HANDLER: Final = "http"
 """The handler a pool serves when none is named."""
+
+# -- bounds on what a stranger who can push to the queue can make a slot hold --
+
+MAX_RESULT_BYTES: Final = 1 << 20
+"""A handler result whose JSON is larger than this is refused (the job is dead-lettered)."""
+MAX_RESPONSE_BYTES: Final = 8 << 20
+"""The http handler stops reading a response body past this many bytes (the call fails)."""
+MAX_DEAD_LETTERS: Final = 10_000
+"""The dead-letter list keeps this many newest entries; older ones are trimmed (counted)."""
+MAX_JSON_DEPTH: Final = 64
+"""Envelopes nested deeper than this (objects and arrays) are refused before parsing."""
+DEAD_LETTER_ENVELOPE_BYTES: Final = 4096
+"""A dead-letter entry keeps at most this many bytes of the envelope (plus its size and hash)."""
+MAX_SUBMIT_BATCH: Final = 10_000
+"""Client.submit_many refuses larger batches (split them): one batch is one Redis command."""
+REDACT_HEADERS: Final = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+)
+"""Header names whose values never reach a log line or a dead letter (case-insensitive)."""

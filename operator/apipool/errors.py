@@ -50,3 +50,9 @@ class JobExpired(JobFailed):
 
 class EnvelopeError(ApipoolError):
     """A job envelope does not follow the wire format; the message is the reason."""
+
+
+class PermanentError(Exception):
+    """Raise from a handler when retrying cannot help (an invalid payload, a
+    request the API will always refuse): the job is dead-lettered at once with
+    this message instead of being called again up to ``max_attempts`` times."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .settings import HttpPolicy, Limits
 
 HandlerFn = Callable[[Any, "Call"], Any]
 BUILTIN_HTTP = "http"
@@ -56,8 +57,12 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return name, target
 
 
-def load_handler(spec: str) -> Handler:
-    """Resolve one handler spec; raise ConfigError with a clear message."""
+def load_handler(
+    spec: str, *, http: HttpPolicy | None = None, limits: Limits | None = None
+) -> Handler:
+    """Resolve one handler spec; raise ConfigError with a clear message. The
+    built-in ``http`` handler follows ``http`` and ``limits`` (defaults: a
+    policy that allows no private address, the default limits)."""
     name, target = _split_spec(spec.strip())
     if target == BUILTIN_HTTP:
         from .http_handler import http_handler  # aiohttp: the slot extra
@@ -83,13 +88,15 @@ def load_handler(spec: str) -> Handler:
     return Handler(name=name, spec=spec, fn=fn, is_async=is_async)
 
 
-def load_handlers(specs: tuple[str, ...]) -> dict[str, Handler]:
+def load_handlers(
+    specs: tuple[str, ...], *, http: HttpPolicy | None = None, limits: Limits | None = None
+) -> dict[str, Handler]:
     """Load every spec by name; the first one is also the default (key ``""``)."""
     if not specs:
         raise ConfigError("at least one handler is needed")
     table: dict[str, Handler] = {}
     for spec in specs:
-        handler = load_handler(spec)
+        handler = load_handler(spec, http=http, limits=limits)
         if handler.name in table:
             raise ConfigError(f"handler name {handler.name!r} given twice")
         table[handler.name] = handler

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .envelope import Envelope
+from .metrics import SlotMetrics
 from .protocol import FinishCode, Finished, Outcome, PoolProtocol, Step
 from .recovery import DeadLetter, dead_letter, dead_letter_step, recover, recovery_step
 from .settings import SlotSettings
@@ -46,8 +47,10 @@ class InFlight:
         *,
         stopping: asyncio.Event,
         may_take_next: Callable[[], bool] = lambda: False,
+        metrics: SlotMetrics | None = None,
     ) -> None:
         self.proto = proto
+        self.metrics = metrics
         self.settings = settings
         self.slot = settings.slot
         self.key = proto.keys.inflight(settings.slot)
@@ -65,15 +68,30 @@ class InFlight:
     # -- into the list -------------------------------------------------------------
 
     async def take(self) -> bytes | None:
-        """BLMOVE queue -> inflight:<i>, waiting up to ``take_block`` seconds (a
-        decimal timeout, which Redis >= 6 accepts). A Redis error propagates."""
+        """TAKE (an over-limit envelope is dead-lettered inside Redis and never
+        reaches us); when the queue is empty, WAIT: BLMOVE queue -> inflight:<i>
+        for up to ``take_block`` seconds (a decimal timeout, which Redis >= 6
+        accepts). A Redis error propagates."""
         timeout = self.settings.timings.take_block
         try:
+            taken = await self.proto.take(self.slot).arun(self.r)
+            self.oversize_dropped(taken.skipped)
+            if taken.job is not None:
+                return taken.job
             raw = await self.r.blmove(self.proto.keys.queue, self.key, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
         except RedisError:
             self.maybe_stray = True  # the move may have happened with its reply lost
             raise
         return cast(bytes | None, raw)
+
+    def oversize_dropped(self, count: int) -> None:
+        """Count envelopes that Redis dead-lettered for their size while we took."""
+        if count:
+            log.warning("%d over-limit envelope(s) dead-lettered by size, unread", count)
+            metrics = self.metrics
+            for _ in range(count if metrics is not None else 0):
+                assert metrics is not None
+                metrics.outcome(Outcome.DEAD, cause="malformed")
 
     def pop_next(self) -> bytes | None:
         """The job taken along with the last outcome, once; None when there is none."""
@@ -117,6 +135,7 @@ class InFlight:
             return None
         if answer.next is not None:
             self._next = answer.next
+        self.oversize_dropped(answer.skipped)
         return answer.code
 
     def _take_next(self, wanted: bool) -> bool:
@@ -213,7 +232,7 @@ class InFlight:
                 proto=self.proto,
                 slot=self.slot,
                 max_attempts=s.max_attempts,
-                max_bytes=s.max_envelope_bytes,
+                max_bytes=s.limits.max_envelope_bytes,
                 why="slot died",
             )
             if outcome.dead is not None:

@@ -126,7 +126,7 @@ class JobRunner:
     async def _check(self, raw: bytes) -> tuple[Envelope, Handler] | None:
         """The envelope and its handler; None when the job was dead-lettered instead."""
         try:
-            env = parse_envelope(raw, max_bytes=self.settings.max_envelope_bytes)
+            env = parse_envelope(raw, max_bytes=self.settings.limits.max_envelope_bytes)
         except EnvelopeError as exc:
             self.metrics.outcome(Outcome.DEAD, cause="malformed")
             reason = f"malformed envelope: {exc}"

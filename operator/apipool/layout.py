@@ -49,20 +49,33 @@ Atomic steps
 ============
 
 SUBMIT     (script) reject the whole batch when the queue would pass
-           ``max_queue_length``, else ``LPUSH`` it and count it.
-TAKE       ``BLMOVE queue inflight:<i> RIGHT LEFT`` (one command, atomic).
+           ``max_queue_length``, else ``LPUSH`` it (in chunks of 1000
+           arguments, one script: still all or nothing) and count it.
+TAKE       (script) ``LMOVE queue inflight:<i> RIGHT LEFT`` without blocking.
+           An envelope over the slot's size limit never leaves Redis: it is
+           dead-lettered right there (by size and SHA-1, its body dropped) and
+           the next one is taken (at most 16 such per call).
+WAIT       ``BLMOVE queue inflight:<i> RIGHT LEFT`` (one command, atomic): the
+           blocking take, used only after TAKE found the queue empty. What it
+           returns reaches the slot whatever its size (bounded by Redis's
+           ``proto-max-bulk-len``); the slot checks the size before parsing.
 ACQUIRE    (script) take the lease when free, keep it when ours, take it over at
            once when its owner is ours (the predecessor is known dead: the same
            supervisor or pod only starts a process after the old one is gone).
 RENEW      (script) extend the lease only while it still holds our token.
 RELEASE    (script) delete the lease only while it still holds our token.
 COMPLETE   (script) remove the exact envelope from the slot's in-flight list and,
-           only if it was there, write the result (with TTL), the dead-letter
-           entry if any, and the counters. Whoever removes a job from in-flight
-           writes its one outcome, so a job never gets two. Refuses, changing
-           nothing, when the result key holds something other than a list.
-           Optionally ends with TAKE's move, without blocking: a busy slot
-           finishes one job and gets the next in one round trip.
+           only if it was there, write the result (with TTL) when there is a
+           result key, the dead-letter entry if any, and the counters. Whoever
+           removes a job from in-flight writes its one outcome, so a job never
+           gets two. Refuses, changing nothing, when the result key holds
+           something other than a list. Optionally ends with TAKE: a busy slot
+           finishes one job and gets the next in one round trip. Every key a
+           script is passed is a real key of the pool (no empty names), so a
+           key-restricted ACL and a Redis Cluster slot both hold.
+DEAD LIST  every script that adds a dead letter trims the list to its newest
+           ``max_dead_letters`` entries (0: no cap) and counts what it dropped
+           in the stats hash's ``dead_trimmed``.
 REQUEUE    (script) remove the exact envelope from in-flight and, only if it was
            there, push a (possibly rewritten) envelope back to the queue;
            optionally take the next job as COMPLETE does.
@@ -140,10 +153,64 @@ local depth = redis.call('LLEN', KEYS[1])
 if limit > 0 and depth + #ARGV > limit then
   return -1 - depth
 end
-local n = redis.call('LPUSH', KEYS[1], unpack(ARGV))
+local n = depth
+for i = 1, #ARGV, 1000 do
+  n = redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 redis.call('HINCRBY', KEYS[3], 'submitted', #ARGV)
 return n
 """
+
+# Lua shared by TAKE, COMPLETE and REQUEUE (prepended to each script).
+# trim_dead(dead, stats, max): keep the newest max dead letters, count the rest.
+# take(queue, inflight, dead, stats, max_bytes, max_dead, slot, now):
+#   returns (envelope or false, number of over-limit envelopes dead-lettered).
+_TAKE_LUA = """
+local function trim_dead(dead, stats, max_dead)
+  if max_dead > 0 then
+    local n = redis.call('LLEN', dead)
+    if n > max_dead then
+      redis.call('LTRIM', dead, 0, max_dead - 1)
+      redis.call('HINCRBY', stats, 'dead_trimmed', n - max_dead)
+    end
+  end
+end
+local function take(queue, inflight, dead, stats, max_bytes, max_dead, slot, now)
+  local skipped = 0
+  while skipped < 16 do
+    local v = redis.call('LMOVE', queue, inflight, 'RIGHT', 'LEFT')
+    if not v then
+      return false, skipped
+    end
+    local size = string.len(v)
+    if size <= max_bytes then
+      return v, skipped
+    end
+    redis.call('LPOP', inflight)
+    redis.call('LPUSH', dead, cjson.encode({
+      id = cjson.null, attempt = cjson.null, slot = slot, failed_at = now,
+      reason = 'envelope of ' .. size .. ' bytes is over the limit of ' .. max_bytes .. ' bytes',
+      envelope = cjson.null, envelope_bytes = size, envelope_sha1 = redis.sha1hex(v)}))
+    redis.call('HINCRBY', stats, 'dead', 1)
+    trim_dead(dead, stats, max_dead)
+    skipped = skipped + 1
+  end
+  return false, skipped
+end
+"""
+
+# KEYS[1] queue, KEYS[2] inflight, KEYS[3] dead, KEYS[4] stats
+# ARGV[1] max envelope bytes, ARGV[2] max dead letters (0: no cap), ARGV[3] slot,
+# ARGV[4] now (unix seconds)
+# returns {envelope or false, over-limit envelopes dead-lettered}
+TAKE_SCRIPT = (
+    _TAKE_LUA
+    + """
+local v, skipped = take(KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return {v, skipped}
+"""
+)
 
 # KEYS[1] lease
 # ARGV[1] token "<owner>/<incarnation>", ARGV[2] owner prefix "<owner>/", ARGV[3] ttl ms
@@ -187,50 +254,65 @@ end
 return 0
 """
 
-# KEYS[1] inflight, KEYS[2] result key, KEYS[3] stats, KEYS[4] dead, KEYS[5] queue
+# KEYS[1] inflight, KEYS[2] result key (when ARGV[8] is '1'; else any key of the
+#         pool, not written: the slot passes the dead list), KEYS[3] stats,
+#         KEYS[4] dead, KEYS[5] queue
 # ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
 # ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
-# ARGV[6] dead-letter entry (JSON) or '', ARGV[7] '1': then take the next job
-# returns {code, next}: code 1 when the outcome was written, 0 when the job was
-#         no longer ours, -1 when the result key exists but is not a list
-#         (nothing changed); next: the next envelope, moved queue -> inflight
-#         (only when asked, code is 1 and the queue is not empty), else nil
-COMPLETE_SCRIPT = """
-if KEYS[2] ~= '' then
+# ARGV[6] dead-letter entry (JSON) or '', ARGV[7] '1': then take the next job,
+# ARGV[8] '1': write the result record to KEYS[2], ARGV[9] max envelope bytes,
+# ARGV[10] max dead letters (0: no cap), ARGV[11] slot, ARGV[12] now (unix s)
+# returns {code, next, skipped}: code 1 when the outcome was written, 0 when the
+#         job was no longer ours, -1 when the result key exists but is not a
+#         list (nothing changed); next: the next envelope, taken as TAKE does
+#         (only when asked and code is 1), else false; skipped: over-limit
+#         envelopes TAKE dead-lettered meanwhile
+COMPLETE_SCRIPT = (
+    _TAKE_LUA
+    + """
+local write = ARGV[8] == '1'
+if write then
   local kind = redis.call('TYPE', KEYS[2])['ok']
   if kind ~= 'none' and kind ~= 'list' then
-    return {-1, false}
+    return {-1, false, 0}
   end
 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return {0, false}
+  return {0, false, 0}
 end
-if KEYS[2] ~= '' then
+if write then
   redis.call('LPUSH', KEYS[2], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 if ARGV[6] ~= '' then
   redis.call('LPUSH', KEYS[4], ARGV[6])
+  trim_dead(KEYS[4], KEYS[3], tonumber(ARGV[10]))
 end
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 if tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBY', KEYS[3], 'busy_ms', ARGV[5])
 end
 if ARGV[7] == '1' then
-  return {1, redis.call('LMOVE', KEYS[5], KEYS[1], 'RIGHT', 'LEFT')}
+  local v, skipped = take(KEYS[5], KEYS[1], KEYS[4], KEYS[3],
+    tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]))
+  return {1, v, skipped}
 end
-return {1, false}
+return {1, false, 0}
 """
+)
 
-# KEYS[1] inflight, KEYS[2] queue, KEYS[3] stats
+# KEYS[1] inflight, KEYS[2] queue, KEYS[3] stats, KEYS[4] dead
 # ARGV[1] envelope exactly as taken, ARGV[2] envelope to queue,
 # ARGV[3] 'front' (RPUSH: taken next) or 'back' (LPUSH), ARGV[4] counter or '',
-# ARGV[5] '1': then take the next job
-# returns {code, next}: code 1 when requeued, 0 when the job was no longer ours;
-#         next as for COMPLETE
-REQUEUE_SCRIPT = """
+# ARGV[5] '1': then take the next job, ARGV[6] max envelope bytes,
+# ARGV[7] max dead letters (0: no cap), ARGV[8] slot, ARGV[9] now (unix seconds)
+# returns {code, next, skipped}: code 1 when requeued, 0 when the job was no
+#         longer ours; next and skipped as for COMPLETE
+REQUEUE_SCRIPT = (
+    _TAKE_LUA
+    + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-  return {0, false}
+  return {0, false, 0}
 end
 if ARGV[3] == 'front' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -241,7 +323,10 @@ if ARGV[4] ~= '' then
   redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 end
 if ARGV[5] == '1' then
-  return {1, redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')}
+  local v, skipped = take(KEYS[2], KEYS[1], KEYS[4], KEYS[3],
+    tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+  return {1, v, skipped}
 end
-return {1, false}
+return {1, false, 0}
 """
+)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
@@ -28,7 +29,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from . import layout
+from . import defaults, layout
 from .layout import PoolKeys
 
 T = TypeVar("T")
@@ -46,6 +47,7 @@ __all__ = [
     "Script",
     "Step",
     "SubmitAnswer",
+    "Taken",
 ]
 
 
@@ -81,12 +83,13 @@ class Script:
 
 
 SUBMIT = Script("submit", layout.SUBMIT_SCRIPT)
+TAKE = Script("take", layout.TAKE_SCRIPT)
 ACQUIRE = Script("acquire", layout.ACQUIRE_SCRIPT)
 RENEW = Script("renew", layout.RENEW_SCRIPT)
 RELEASE = Script("release", layout.RELEASE_SCRIPT)
 COMPLETE = Script("complete", layout.COMPLETE_SCRIPT)
 REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
-SCRIPTS = (SUBMIT, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
+SCRIPTS = (SUBMIT, TAKE, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,16 @@ class Finished:
     code: FinishCode
     next: bytes | None = None
     """The next job, moved queue -> in-flight in the same step when asked."""
+    skipped: int = 0
+    """Over-limit envelopes dead-lettered inside Redis while taking the next job."""
+
+
+@dataclass(frozen=True)
+class Taken:
+    job: bytes | None
+    """The envelope now in the slot's in-flight list; None: the queue was empty."""
+    skipped: int = 0
+    """Over-limit envelopes dead-lettered inside Redis (never sent to the slot)."""
 
 
 def _text(value: bytes | str) -> str:
@@ -179,8 +192,13 @@ def _lease_answer(reply: Any) -> LeaseAnswer:
 
 
 def _finished(reply: Any) -> Finished:
-    code, nxt = reply
-    return Finished(FinishCode(int(code)), cast(bytes | None, nxt))
+    code, nxt, skipped = reply
+    return Finished(FinishCode(int(code)), cast(bytes | None, nxt), int(skipped))
+
+
+def _taken(reply: Any) -> Taken:
+    job, skipped = reply
+    return Taken(cast(bytes | None, job), int(skipped))
 
 
 def _flag(reply: Any) -> bool:
@@ -192,6 +210,10 @@ class PoolProtocol:
     """The atomic steps on pool ``pool``'s keys (see layout.py for each script)."""
 
     pool: str
+    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
+    """Envelopes over this size are dead-lettered inside Redis when taken."""
+    max_dead_letters: int = defaults.MAX_DEAD_LETTERS
+    """Every step that adds a dead letter trims the list to this many (0: no cap)."""
     keys: PoolKeys = field(init=False)
 
     def __post_init__(self) -> None:
@@ -199,12 +221,16 @@ class PoolProtocol:
 
     # -- rules ----------------------------------------------------------------
 
-    def result_key(self, job_id: str | None, reply_to: str | None = None) -> str:
+    def result_key(self, job_id: str | None, reply_to: str | None = None) -> str | None:
         """Where a job's outcome goes: its ``reply_to`` list, else its result key;
-        '' when neither is known (an envelope whose id cannot be read)."""
+        None when neither is known (an envelope whose id cannot be read)."""
         if reply_to:
             return reply_to
-        return self.keys.result(job_id) if job_id else ""
+        return self.keys.result(job_id) if job_id else None
+
+    def _take_args(self, slot: int) -> tuple[Arg, ...]:
+        """The ARGV tail of every step that may take a job (see _TAKE_LUA)."""
+        return (self.max_envelope_bytes, self.max_dead_letters, slot, round(time.time(), 3))
 
     def reply_to_problem(self, reply_to: str | None) -> str | None:
         """Why a job's ``reply_to`` is refused, or None when it is acceptable."""
@@ -218,6 +244,13 @@ class PoolProtocol:
         """Push a batch, all or none, unless it would pass max_queue_length."""
         k = self.keys
         return Step(SUBMIT, (k.queue, k.config, k.stats), tuple(envelopes), _submit_answer)
+
+    def take(self, slot: int) -> Step[Taken]:
+        """Move one job queue -> slot's in-flight list without blocking; an
+        over-limit envelope is dead-lettered in Redis and never sent."""
+        k = self.keys
+        keys = (k.queue, k.inflight(slot), k.dead, k.stats)
+        return Step(TAKE, keys, self._take_args(slot), _taken)
 
     def acquire(self, slot: int, token: str, owner: str, ttl_ms: int) -> Step[LeaseAnswer]:
         """Take slot ``slot``'s lease (free, ours, or a dead predecessor's of ``owner``)."""
@@ -236,7 +269,7 @@ class PoolProtocol:
         slot: int,
         raw: bytes,
         *,
-        result_key: str,
+        result_key: str | None,
         record: str,
         ttl_ms: int,
         outcome: Outcome,
@@ -244,12 +277,23 @@ class PoolProtocol:
         dead_entry: str = "",
         take_next: bool = False,
     ) -> Step[Finished]:
-        """Write a job's one outcome if (and only if) it is still in slot's in-flight list."""
+        """Write a job's one outcome if (and only if) it is still in slot's
+        in-flight list; the result record only when ``result_key`` is known."""
         k = self.keys
         return Step(
             COMPLETE,
-            (k.inflight(slot), result_key, k.stats, k.dead, k.queue),
-            (raw, record, ttl_ms, outcome.value, busy_ms, dead_entry, "1" if take_next else ""),
+            (k.inflight(slot), result_key or k.dead, k.stats, k.dead, k.queue),
+            (
+                raw,
+                record,
+                ttl_ms,
+                outcome.value,
+                busy_ms,
+                dead_entry,
+                "1" if take_next else "",
+                "1" if result_key else "",
+                *self._take_args(slot),
+            ),
             _finished,
         )
 
@@ -267,13 +311,14 @@ class PoolProtocol:
         k = self.keys
         return Step(
             REQUEUE,
-            (k.inflight(slot), k.queue, k.stats),
+            (k.inflight(slot), k.queue, k.stats, k.dead),
             (
                 raw,
                 new_raw,
                 "front" if front else "back",
                 outcome.value if outcome is not None else "",
                 "1" if take_next else "",
+                *self._take_args(slot),
             ),
             _finished,
         )

@@ -68,6 +68,45 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one job (or a stranger pushing jobs) can make a slot hold. Bytes."""
+
+    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
+    """Larger envelopes are dead-lettered unread (by size and hash)."""
+    max_result_bytes: int = defaults.MAX_RESULT_BYTES
+    """A handler result whose JSON is larger is refused: the job is dead-lettered."""
+    max_response_bytes: int = defaults.MAX_RESPONSE_BYTES
+    """The http handler stops reading a response past this; the call fails."""
+    max_dead_letters: int = defaults.MAX_DEAD_LETTERS
+    """The dead-letter list is trimmed to this many newest entries (0: no cap)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_envelope_bytes", "max_result_bytes", "max_response_bytes"):
+            if getattr(self, name) < 256:
+                raise ConfigError(f"{name} must be >= 256, got {getattr(self, name)}")
+        if self.max_dead_letters < 0:
+            raise ConfigError(f"max_dead_letters must be >= 0, got {self.max_dead_letters}")
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """What the built-in ``http`` handler may call, and what it keeps secret."""
+
+    allow_urls: tuple[str, ...] = ()
+    """URL prefixes a job may call (empty: any public address). Loopback, private
+    and link-local addresses are refused unless a prefix names them."""
+    follow_redirects: bool = False
+    """Follow redirects (at most 5; credentials are never sent to another origin)."""
+    redact_headers: tuple[str, ...] = ()
+    """Header names redacted in logs and dead letters, beyond the built-in list."""
+
+    def __post_init__(self) -> None:
+        for prefix in self.allow_urls:
+            if not prefix.startswith(("http://", "https://")) or "://" not in prefix[:8]:
+                raise ConfigError(f"allowed URL {prefix!r} must start with http:// or https://")
+
+
+@dataclass(frozen=True)
 class SlotSettings:
     """Everything one slot worker process needs."""
 
@@ -87,8 +126,11 @@ class SlotSettings:
     """A job is dead-lettered after failing this many attempts."""
     result_ttl: float = defaults.RESULT_TTL
     """Seconds a result stays readable."""
-    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
-    """Larger envelopes are dead-lettered unread."""
+    limits: Limits = field(default_factory=Limits)
+    http: HttpPolicy = field(default_factory=HttpPolicy)
+    allow_eviction: bool = False
+    """Serve even when Redis may evict keys (maxmemory with a policy other than
+    noeviction): results and leases could then vanish. Off: the slot refuses."""
     owner: str = field(default_factory=default_owner)
     """Stable identity of whatever restarts this process (pod UID, supervisor id)."""
     health_host: str = "127.0.0.1"
@@ -107,8 +149,6 @@ class SlotSettings:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.result_ttl <= 0:
             raise ConfigError(f"result_ttl must be > 0 seconds, got {self.result_ttl}")
-        if self.max_envelope_bytes < 256:
-            raise ConfigError("max_envelope_bytes must be >= 256")
         if "/" in self.owner:
             raise ConfigError(f"owner {self.owner!r} must not contain '/'")
 
@@ -128,12 +168,29 @@ class SlotSettings:
             "--take-block", f"{t.take_block:g}",
             "--max-attempts", str(self.max_attempts),
             "--result-ttl", f"{self.result_ttl:g}",
-            "--max-envelope-bytes", str(self.max_envelope_bytes),
+            *self.limits_argv(),
             "--health-host", self.health_host,
             "--health-port", str(self.health_port),
         ]  # fmt: skip
         for spec in self.handlers:
             argv += ["--handler", spec]
+        for prefix in self.http.allow_urls:
+            argv += ["--allow-url", prefix]
+        for name in self.http.redact_headers:
+            argv += ["--redact-header", name]
+        if self.http.follow_redirects:
+            argv.append("--follow-redirects")
+        if self.allow_eviction:
+            argv.append("--allow-eviction")
         if self.parent_pid is not None:
             argv += ["--parent-pid", str(self.parent_pid)]
         return argv
+
+    def limits_argv(self) -> list[str]:
+        lim = self.limits
+        return [
+            "--max-envelope-bytes", str(lim.max_envelope_bytes),
+            "--max-result-bytes", str(lim.max_result_bytes),
+            "--max-response-bytes", str(lim.max_response_bytes),
+            "--max-dead-letters", str(lim.max_dead_letters),
+        ]  # fmt: skip

@@ -77,7 +77,11 @@ class SlotWorker:
     def __init__(self, settings: SlotSettings, handlers: dict[str, Handler] | None = None):
         self.settings = settings
         self.timings = t = settings.timings
-        self.proto = PoolProtocol(settings.pool)
+        self.proto = PoolProtocol(
+            settings.pool,
+            max_envelope_bytes=settings.limits.max_envelope_bytes,
+            max_dead_letters=settings.limits.max_dead_letters,
+        )
         self.handlers = handlers if handlers is not None else load_handlers(settings.handlers)
         self.metrics = SlotMetrics(settings.pool, settings.slot)
         self.stopping = asyncio.Event()
@@ -96,7 +100,9 @@ class SlotWorker:
             parent_pid=settings.parent_pid,
             on_orphaned=self.stop,
         )
-        self.inflight = InFlight(self.proto, settings, self.work, stopping=self.stopping)
+        self.inflight = InFlight(
+            self.proto, settings, self.work, stopping=self.stopping, metrics=self.metrics
+        )
         self.runner = JobRunner(
             settings,
             self.handlers,

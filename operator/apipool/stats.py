@@ -12,8 +12,9 @@ from .errors import RedisUnavailable
 from .layout import PoolKeys
 from .protocol import Outcome
 
-COUNTERS = ("submitted", *(o.value for o in Outcome), "busy_ms")
-"""The counters of a pool's stats hash: submissions, one per outcome, handler time."""
+COUNTERS = ("submitted", *(o.value for o in Outcome), "busy_ms", "dead_trimmed")
+"""The counters of a pool's stats hash: submissions, one per outcome, handler time,
+dead letters trimmed off the capped list."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,15 @@ import redis
 from . import defaults
 from .errors import ConfigError
 from .handlers import load_handlers
-from .settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings, check_pool_name
+from .settings import (
+    ENV_OWNER,
+    ENV_REDIS_URL,
+    HttpPolicy,
+    Limits,
+    SlotSettings,
+    Timings,
+    check_pool_name,
+)
 from .stats import write_pool_config
 
 log = logging.getLogger("apipool.supervisor")
@@ -93,7 +101,9 @@ class SupervisorSettings:
     timings: Timings = field(default_factory=Timings)
     max_attempts: int = defaults.MAX_ATTEMPTS
     result_ttl: float = defaults.RESULT_TTL
-    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
+    limits: Limits = field(default_factory=Limits)
+    http: HttpPolicy = field(default_factory=HttpPolicy)
+    allow_eviction: bool = False
     max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     """Producers get QueueFull past this many queued jobs; 0: unbounded."""
     liveness_window: float = defaults.LIVENESS_WINDOW
@@ -188,7 +198,9 @@ class Supervisor:
             timings=s.timings,
             max_attempts=s.max_attempts,
             result_ttl=s.result_ttl,
-            max_envelope_bytes=s.max_envelope_bytes,
+            limits=s.limits,
+            http=s.http,
+            allow_eviction=s.allow_eviction,
             owner=self.owner,
             health_port=port,
             parent_pid=os.getpid(),
