@@ -9,5 +9,5 @@ asserted: a missed target does not fail the run. See docs/benchmarks.md.
 
 from __future__ import annotations
 
-BENCHMARKS = ("goodput", "chaos", "handoff", "overhead", "operator")
+BENCHMARKS = ("goodput", "chaos", "handoff", "overhead", "memory", "operator")
 """Module names, in the order ``python -m bench`` runs them."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from apipool.settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings
+from apipool import defaults
+from apipool.settings import ENV_OWNER, ENV_REDIS_URL, HttpPolicy, Limits, SlotSettings, Timings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The repository root: holds ``bench/`` and ``operator/apipool/``."""
@@ -23,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 Value = float | int | str
 """A figure: a number, or a short text (the parameters of a run)."""
 Figures = dict[str, Value]
+
+MIB = 1 << 20
+"""Bytes in a MiB: sizes and memory figures are given in MiB (names end in ``_mib``)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,15 @@ def maximum(values: Sequence[float]) -> float:
     return max(values) if values else math.nan
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident set size of process ``pid`` so far (``VmHWM`` of
+    ``/proc/<pid>/status``), in MiB; Linux only."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / MIB, 1)
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child that must import both ``apipool`` and ``bench``."""
     paths = [str(REPO_ROOT), str(REPO_ROOT / "operator")]
@@ -86,13 +99,24 @@ class SlotSubprocess:
         slot: int = 0,
         call_timeout: float = 2.0,
         heartbeat_interval: float = 0.5,
+        take_block: float = defaults.TAKE_BLOCK,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
+        limits: Limits | None = None,
+        http: HttpPolicy | None = None,
     ) -> None:
         self.settings = SlotSettings(
             pool=pool,
             slot=slot,
             redis_url=redis_url,
             handlers=tuple(handlers),
-            timings=Timings(call_timeout=call_timeout, heartbeat_interval=heartbeat_interval),
+            timings=Timings(
+                call_timeout=call_timeout,
+                heartbeat_interval=heartbeat_interval,
+                take_block=take_block,
+            ),
+            max_attempts=max_attempts,
+            limits=limits or Limits(),
+            http=http or HttpPolicy(),
             owner=f"bench-{os.getpid()}",
             health_port=0,
             parent_pid=os.getpid(),
@@ -117,6 +141,12 @@ class SlotSubprocess:
             stderr=subprocess.STDOUT,
         )
         return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the slot process has not been started")
+        return self.proc.pid
 
     def check_alive(self) -> None:
         """Raise RuntimeError with the slot's log when it has exited."""

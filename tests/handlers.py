@@ -52,3 +52,81 @@ def record_call(payload: Any, call: Call) -> dict[str, int]:
     with open(payload["log"], "a") as log:
         log.write(f"{os.getpid()} {call.job_id} {call.attempt}\n")
     return {"pid": os.getpid()}
+
+
+# -- hostile or careless handlers (tests/test_slot_hostile.py, tests/test_supervisor.py) --
+
+
+class HandlerEscape(BaseException):
+    """A BaseException of the handler's own (not an Exception)."""
+
+
+_ESCAPES: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "HandlerEscape": HandlerEscape,
+}
+
+
+def _count_call(payload: Any, call: Call) -> None:
+    """Appends ``<pid> <job id> <attempt>`` to the file ``payload["log"]``, if named."""
+    if isinstance(payload, dict) and "log" in payload:
+        with open(payload["log"], "a") as log:
+            log.write(f"{os.getpid()} {call.job_id} {call.attempt}\n")
+
+
+def raise_base(payload: Any, call: Call) -> None:
+    """Raises the BaseException ``payload["kind"]`` names, from a worker thread."""
+    _count_call(payload, call)
+    raise _ESCAPES[payload["kind"]](payload.get("arg", "from the handler"))
+
+
+async def raise_base_async(payload: Any, call: Call) -> None:
+    """Raises the BaseException ``payload["kind"]`` names, in the slot's event loop."""
+    _count_call(payload, call)
+    await asyncio.sleep(0)
+    raise _ESCAPES[payload["kind"]](payload.get("arg", "from the handler"))
+
+
+def exit_on_first_attempt(payload: Any, call: Call) -> dict[str, int]:
+    """Kills its own process (``os._exit(7)``) on attempt 1; answers on the next."""
+    _count_call(payload, call)
+    if call.attempt == 1:
+        os._exit(7)
+    return {"attempt": call.attempt}
+
+
+def permanent_failure(payload: Any, call: Call) -> None:
+    """Says that retrying cannot help, with a secret-bearing URL in the message."""
+    from apipool import PermanentError
+
+    _count_call(payload, call)
+    raise PermanentError(f"422 from {payload.get('url', 'https://api.example/v1')}: bad input")
+
+
+def leaky_failure(payload: Any, call: Call) -> None:
+    """Fails (retryably) with a message carrying a URL with a key and a secret header."""
+    _count_call(payload, call)
+    raise RuntimeError(
+        f'GET {payload["url"]} failed; request headers {{"Authorization": "{payload["token"]}"}}'
+    )
+
+
+def counted_not_json(payload: Any, call: Call) -> object:
+    _count_call(payload, call)
+    return {"when": object()}
+
+
+def counted_big_result(payload: Any, call: Call) -> str:
+    """Returns a string of ``payload["size"]`` characters."""
+    _count_call(payload, call)
+    return "x" * int(payload["size"])
+
+
+def gated(payload: Any, call: Call) -> dict[str, int]:
+    """Counts the call, then waits (up to 30 s) until the file ``payload["gate"]`` exists."""
+    _count_call(payload, call)
+    end = time.monotonic() + 30
+    while not os.path.exists(payload["gate"]) and time.monotonic() < end:
+        time.sleep(0.02)
+    return {"attempt": call.attempt}

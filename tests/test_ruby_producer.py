@@ -81,13 +81,16 @@ def api() -> Iterator[StandInApi]:
 
 
 @pytest.fixture
-def pool_up(redis_url: str, pool: str, r: redis.Redis, tmp_path: Path) -> Iterator[Path]:
-    """`apipool up --slots 2 --handler http` for `pool`; yields its log file."""
+def pool_up(
+    redis_url: str, pool: str, r: redis.Redis, tmp_path: Path, api: StandInApi
+) -> Iterator[Path]:
+    """`apipool up --slots 2 --handler http` for `pool`, allowed to call the
+    stand-in API (a loopback address); yields its log file."""
     log = tmp_path / "up.log"
     cmd = [
         sys.executable, "-m", "apipool", "up",
         "--redis-url", redis_url, "--pool", pool, "--slots", "2",
-        "--handler", "http",
+        "--handler", "http", "--allow-url", f"{api.url}/",
         "--heartbeat-interval", "0.2", "--call-timeout", "5", "--liveness-window", "1",
         "--take-block", "0.2",
     ]  # fmt: skip
@@ -140,7 +143,7 @@ def test_ruby_producer_against_a_real_pool(
         assert json.loads(raw)["status"] == "ok"
     assert r.llen(keys.queue) == 0
 
-    # An invalid http payload, through the SUBMIT script: every attempt fails, then dead.
+    # An invalid http payload, through the SUBMIT script: a permanent error, dead at once.
     code, lines, err = produce(
         ruby, redis_url, pool, "--count", "1", "--payload", '{"url": "ftp://x"}',
         "--bounded", "--timeout", "30", "--id-prefix", "rb-dead",
@@ -149,7 +152,8 @@ def test_ruby_producer_against_a_real_pool(
     [line] = lines
     assert line["id"] == "rb-dead-1"
     assert line["status"] == "dead"
-    assert line["error"].startswith("attempt 3 of 3 failed:")
+    assert line["attempt"] == 1
+    assert line["error"].startswith("attempt 1 of 3 failed for good:")
     assert "'url' must be an http(s) URL" in line["error"]
     dead = [json.loads(d) for d in r.lrange(keys.dead, 0, -1)]
     assert [d["id"] for d in dead] == ["rb-dead-1"]

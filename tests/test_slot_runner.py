@@ -103,6 +103,9 @@ class Rig:
         labels = {"pool": self.pool, "slot": "0", "cause": cause}
         return self.metrics.registry.get_sample_value("apipool_failures_total", labels) or 0.0
 
+    def calls_running(self) -> bool:
+        return self.runner.calls.running
+
     def result(self, job_id: str) -> dict[str, Any]:
         raw = self.sync.lindex(self.keys.result(job_id), 0)
         assert raw is not None, f"no result for {job_id}"
@@ -368,3 +371,58 @@ async def test_unknown_handler_and_bad_reply_to_are_dead_lettered_uncalled(
     assert rig.failures("unknown handler") == 1.0
     assert rig.failures("malformed") == 1.0
     assert r.llen(rig.keys.dead) == 2
+
+
+# -- what a handler may throw ----------------------------------------------------------------
+
+
+async def test_a_cancelled_error_of_the_handlers_own_is_a_failure_not_a_stop(
+    ar: aioredis.Redis, r: redis.Redis, pool: str
+) -> None:
+    async def inner_cancelled(payload: Any, call: Call) -> None:
+        raise asyncio.CancelledError("an inner task of the handler was cancelled")
+
+    handler = Handler(name="c", spec="c", fn=inner_cancelled, is_async=True)
+    rig = await make_rig(ar, r, pool, {"c": handler})
+    await rig.runner.run(await rig.take(make_envelope(1)), rig.lease.epoch)
+    assert rig.count("retried") == 1.0  # an ordinary failure: it may work next time
+    assert not rig.calls_running()
+
+
+async def test_a_cancel_of_the_slot_during_a_call_goes_through(
+    ar: aioredis.Redis, r: redis.Redis, pool: str
+) -> None:
+    started = asyncio.Event()
+
+    async def slow(payload: Any, call: Call) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    handler = Handler(name="slow", spec="slow", fn=slow, is_async=True)
+    rig = await make_rig(ar, r, pool, {"slow": handler})
+    raw = await rig.take(make_envelope(1))
+    running = asyncio.create_task(rig.runner.run(raw, rig.lease.epoch))
+    await asyncio.wait_for(started.wait(), 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 10)
+    assert not rig.calls_running()
+    assert r.lrange(rig.keys.inflight(0), 0, -1) == [raw]  # no outcome: left for recovery
+
+
+async def test_a_system_exit_of_a_sync_handler_dead_letters_the_job_at_once(
+    ar: aioredis.Redis, r: redis.Redis, pool: str
+) -> None:
+    def leave(payload: Any, call: Call) -> None:
+        raise SystemExit(3)
+
+    handler = Handler(name="leave", spec="leave", fn=leave, is_async=False)
+    rig = await make_rig(ar, r, pool, {"leave": handler}, max_attempts=3)
+    env = make_envelope(1)
+    await rig.runner.run(await rig.take(env), rig.lease.epoch)
+    assert (
+        rig.result(env.id)["error"]
+        == "attempt 1 of 3 failed for good: handler raised SystemExit: 3"
+    )
+    assert rig.failures("permanent") == 1.0
+    assert rig.count("retried") == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -697,3 +698,53 @@ def test_up_stops_gracefully_on_sigint_too(
     assert proc.wait(20) == 0
     assert leases(r, pool) == {}
     assert (tmp_path / "up.log").read_text().count("lease released") == 2
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_handler_that_kills_its_process_is_logged_and_its_job_recovered(
+    redis_url: str, pool: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``os._exit(7)`` in a handler takes the process with it: the supervisor
+    says so with the exit code, starts the slot again, and the replacement
+    retries the job it finds in flight (attempt 2 answers)."""
+    caplog.set_level(logging.INFO, logger="apipool.supervisor")
+    calls = tmp_path / "calls"
+    settings = settings_for(
+        redis_url, pool, tmp_path, handlers=("tests.handlers:exit_on_first_attempt",)
+    )
+    async with supervising(settings) as running:
+        pid = await running.healthy()
+        with Client(redis_url, pool) as client:
+            job_id = client.submit({"log": str(calls)})
+            finished = await asyncio.to_thread(client.wait, job_id, 30)
+        assert (finished.status, finished.result) == ("ok", {"attempt": 2})
+        assert running.events("exited")[0].detail == "code 7"
+        new_pid = await running.healthy(count=2)
+        assert new_pid != pid
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "apipool.supervisor" and record.levelno == logging.WARNING
+    ]
+    assert "slot 0 exited with code 7" in warnings
+    rows = [line.split() for line in calls.read_text().splitlines()]
+    assert [(int(p), job, int(a)) for p, job, a in rows] == [(pid, job_id, 1), (new_pid, job_id, 2)]
+
+
+@pytest.mark.unit
+def test_a_stop_or_a_clean_exit_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sup = Supervisor(settings_for("redis://127.0.0.1:1/0", "p", tmp_path))
+    caplog.set_level(logging.INFO, logger="apipool.supervisor")
+    sup._exited(0, 0)
+    sup._exited(0, -9)
+    sup.stopping.set()
+    sup._exited(0, -15)
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        (logging.INFO, "slot 0 exited with code 0"),
+        (logging.WARNING, "slot 0 exited with signal 9"),
+        (logging.INFO, "slot 0 exited with signal 15"),
+    ]

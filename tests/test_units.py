@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
+from redis import exceptions as rx
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from apipool.errors import ConfigError
@@ -16,10 +19,22 @@ from apipool.heartbeat import Heartbeat
 from apipool.http_handler import parse_http_request
 from apipool.layout import PoolKeys
 from apipool.lease import Lease
+from apipool.metrics import SlotMetrics
 from apipool.probes import liveness, readiness
 from apipool.protocol import PoolProtocol
+from apipool.redis_checks import (
+    EVICTION_RECHECK,
+    MAX_TEXT,
+    NOT_CHECKED,
+    EvictionGuard,
+    error_kind,
+    eviction_problem,
+    exception_text,
+)
+from apipool.retrying import Retrier
 from apipool.settings import SlotSettings, Timings, check_pool_name
 from apipool.slot import SlotWorker
+from apipool.testing.clock import FakeClock
 
 pytestmark = pytest.mark.unit
 
@@ -211,3 +226,164 @@ def test_heartbeat_stops_even_when_a_client_swallows_the_cancel() -> None:
         assert not heartbeat.redis_ok
 
     asyncio.run(scenario())
+
+
+# -- Redis errors, the eviction check, refusals ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (rx.ConnectionError("reset"), "transient"),
+        (rx.TimeoutError("timed out"), "transient"),
+        (rx.BusyLoadingError("loading"), "transient"),
+        (rx.ReadOnlyError("replica"), "transient"),
+        (rx.OutOfMemoryError("command not allowed"), "transient"),
+        (rx.ResponseError("BUSY Redis is busy running a script"), "transient"),
+        (rx.ResponseError("TRYAGAIN multiple keys"), "transient"),
+        (rx.NoPermissionError("no permissions to access one of the keys"), "permanent"),
+        (rx.ResponseError("WRONGTYPE Operation against a key"), "permanent"),
+        (rx.ResponseError("ERR Error running script: @user_script:3"), "permanent"),
+        (rx.ResponseError("CROSSSLOT Keys in request don't hash"), "permanent"),
+        (rx.DataError("cannot encode"), "permanent"),
+    ],
+)
+def test_redis_errors_are_transient_or_permanent(error: rx.RedisError, kind: str) -> None:
+    assert error_kind(error) == kind
+
+
+def test_eviction_is_possible_only_with_maxmemory_and_an_evicting_policy() -> None:
+    assert eviction_problem(0, "allkeys-lru") is None
+    assert eviction_problem(100 << 20, "noeviction") is None
+    assert eviction_problem(100 << 20, "volatile-ttl") == (
+        "redis may evict keys (maxmemory-policy volatile-ttl): "
+        "set noeviction or pass --allow-eviction"
+    )
+
+
+def test_the_eviction_guard_refuses_until_checked_logs_once_and_rechecks_soon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    guard = EvictionGuard(allow=False, every=30.0, clock=clock)
+    assert guard.problem == NOT_CHECKED
+    caplog.set_level(logging.INFO, logger="apipool.slot")
+    evicting = eviction_problem(1, "allkeys-lru")
+    guard.apply(evicting)
+    guard.apply(evicting)
+    assert guard.problem == evicting
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]  # once, not per check
+    assert guard._next_at == clock() + EVICTION_RECHECK
+    guard.apply(None)
+    assert guard.problem is None
+    assert guard._next_at == clock() + 30.0
+    assert caplog.records[-1].getMessage() == "redis no longer evicts keys; serving again"
+
+
+def test_the_eviction_guard_serves_when_eviction_is_allowed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    guard = EvictionGuard(allow=True, clock=FakeClock())
+    caplog.set_level(logging.INFO, logger="apipool.slot")
+    guard.apply(eviction_problem(1, "allkeys-lru"))
+    guard.apply(eviction_problem(1, "allkeys-lru"))
+    assert guard.problem is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "redis may evict keys (maxmemory-policy allkeys-lru); serving anyway (--allow-eviction)"
+    ]
+
+
+def test_readiness_says_why_redis_refuses_or_may_evict() -> None:
+    why = "redis refused taking a job: NoPermissionError: no"
+    assert readiness(redis_ok=True, surplus=False, lease_valid=True, refused=why) == (False, why)
+    assert readiness(redis_ok=False, surplus=False, lease_valid=True, refused=why) == (
+        False,
+        "redis unreachable",
+    )
+
+
+class Hostile(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+def test_exception_texts_are_redacted_bounded_and_never_raise() -> None:
+    assert exception_text(Hostile()) == "Hostile: (message unavailable)"
+    assert exception_text(KeyboardInterrupt()) == "KeyboardInterrupt"
+    leaky = ValueError('GET https://h/x?key=abc failed, {"X-Token": "t0k3n"}')
+    assert exception_text(leaky, ["x-token"]) == (
+        'ValueError: GET https://h/x?key=[redacted] failed, {"X-Token": "[redacted]"}'
+    )
+    long = exception_text(ValueError("y" * 10_000))
+    assert len(long) < MAX_TEXT + 40
+    assert long.endswith("more characters)")
+
+
+def run_retrier(
+    op: Callable[[], Awaitable[str]],
+    *,
+    fallback: Callable[[str], Awaitable[str]] | None = None,
+    stopping: bool = False,
+) -> tuple[str | None, Retrier]:
+    async def scenario() -> tuple[str | None, Retrier]:
+        event = asyncio.Event()
+        if stopping:
+            event.set()
+        retrier = Retrier(stopping=event, grace=5.0, metrics=SlotMetrics("p", 0))
+        retrier.refused_retry = 0.05
+        return await asyncio.wait_for(retrier.run("writing", op, fallback=fallback), 10), retrier
+
+    return asyncio.run(scenario())
+
+
+def errors(retrier: Retrier, kind: str) -> float:
+    assert retrier.metrics is not None
+    labels = {"pool": "p", "slot": "0", "kind": kind}
+    return retrier.metrics.registry.get_sample_value("apipool_redis_errors_total", labels) or 0.0
+
+
+def test_a_refused_step_offers_its_fallback_then_retries_slowly_until_taken() -> None:
+    answers: list[str | Exception] = [
+        rx.NoPermissionError("no"),
+        rx.NoPermissionError("no"),
+        rx.ConnectionError("reset"),
+        "written",
+    ]
+    offered: list[str] = []
+
+    async def op() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def fallback(why: str) -> str:
+        offered.append(why)
+        raise rx.NoPermissionError("not this either")
+
+    answer, retrier = run_retrier(op, fallback=fallback)
+    assert answer == "written"
+    assert offered == ["redis refused writing: NoPermissionError: no"] * 2
+    assert retrier.refused is None  # cleared once Redis took the step
+    assert (errors(retrier, "permanent"), errors(retrier, "transient")) == (4.0, 1.0)
+
+
+def test_a_refused_step_with_a_fallback_that_works_ends_there() -> None:
+    async def op() -> str:
+        raise rx.NoPermissionError("no")
+
+    async def fallback(why: str) -> str:
+        return f"dead: {why}"
+
+    answer, retrier = run_retrier(op, fallback=fallback)
+    assert answer == "dead: redis refused writing: NoPermissionError: no"
+    assert retrier.refused is None
+
+
+def test_a_refused_step_is_given_up_at_once_when_stopping() -> None:
+    async def op() -> str:
+        raise rx.NoPermissionError("no")
+
+    answer, retrier = run_retrier(op, stopping=True)
+    assert answer is None
+    assert retrier.refused == "redis refused writing: NoPermissionError: no"

@@ -2,7 +2,8 @@
 
 Unit: the envelope schema and ``parse_envelope`` agree on a table of envelopes;
 what ``make_envelope``, ``result_record`` and ``dead_letter_entry`` write matches
-the schemas; every tagged example in the doc is valid.
+the schemas (a dead letter also when cut, redacted or over the size limit); every
+tagged example in the doc is valid and is what the pool writes.
 
 Redis: a producer that knows only Redis commands (no apipool client) pushes
 hand-written JSON and reads the outcomes a real slot process writes.
@@ -10,6 +11,7 @@ hand-written JSON and reads the outcomes a real slot process writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -231,6 +233,8 @@ INVALID.update(
         "Infinity inside meta": raw_env(meta='{"x": -Infinity}'),
         "submitted_at 10**400": raw_env(submitted_at="1" + "0" * 400),
         "deadline 10**400": raw_env(deadline="1" + "0" * 400),
+        "attempt 10**400": raw_env(attempt="1" + "0" * 400),
+        "attempt 1e309": raw_env(attempt="1e309"),
     }
 )
 
@@ -370,9 +374,55 @@ def test_dead_letter_entry_output_matches_the_schema(
         dead_letter_entry(raw=raw, reason="some reason", slot=1, job_id=job_id, attempt=attempt)
     )
     assert_valid(DEAD_SCHEMA, doc)
-    assert doc["envelope"] == raw
+    assert doc["envelope"] == raw  # nothing to redact, nothing to cut
+    assert doc["envelope_bytes"] == len(raw.encode())
+    assert doc["envelope_sha1"] == hashlib.sha1(raw.encode()).hexdigest()
     assert not validator(DEAD_SCHEMA).is_valid({**doc, "reason": ""})
     assert not validator(DEAD_SCHEMA).is_valid({**doc, "attempt": 0})
+    assert not validator(DEAD_SCHEMA).is_valid({**doc, "envelope_sha1": "ABC"})
+    assert not validator(DEAD_SCHEMA).is_valid({k: v for k, v in doc.items() if k != "envelope"})
+
+
+@pytest.mark.unit
+def test_a_dead_letter_entry_is_cut_redacted_or_empty_and_still_matches_the_schema() -> None:
+    long = env(payload={"url": "https://h/x?api_key=secret", "blob": "x" * 10_000})
+    over = env(payload="y" * 200)
+    for raw, max_bytes in ((long, defaults.MAX_ENVELOPE_BYTES), (over, 100)):
+        doc = strict_json(
+            dead_letter_entry(
+                raw=raw, reason="r", slot=0, job_id=None, attempt=None, max_bytes=max_bytes
+            )
+        )
+        assert_valid(DEAD_SCHEMA, doc)
+        assert doc["envelope_bytes"] == len(raw.encode())
+        assert doc["envelope"] is None or "secret" not in doc["envelope"]
+        assert (
+            doc["envelope"] is None or len(doc["envelope"]) == defaults.DEAD_LETTER_ENVELOPE_BYTES
+        )
+    assert doc["envelope"] is None  # over max_bytes: never read
+
+
+def check_dead_letter_example(doc: dict[str, Any]) -> None:
+    """A dead-letter example of the doc is what the pool writes for its envelope."""
+    envelope = doc["envelope"]
+    if envelope is None:  # over the size limit, written by TAKE inside Redis
+        found = re.fullmatch(
+            r"envelope of (\d+) bytes is over the limit of (\d+) bytes", doc["reason"]
+        )
+        assert found, doc["reason"]
+        assert int(found.group(1)) == doc["envelope_bytes"] > int(found.group(2))
+        assert doc["id"] is None
+        assert doc["attempt"] is None
+        return
+    if "[redacted]" not in envelope:  # as taken: its size and hash are those of the text
+        assert doc["envelope_bytes"] == len(envelope.encode())
+        assert doc["envelope_sha1"] == hashlib.sha1(envelope.encode()).hexdigest()
+    if doc["reason"].startswith("malformed envelope: "):
+        with pytest.raises(EnvelopeError) as caught:
+            parse_envelope(envelope)
+        assert doc["reason"] == f"malformed envelope: {caught.value}"
+    else:
+        assert parse_envelope(envelope).attempt == doc["attempt"]
 
 
 # -- the examples in docs/wire-format.md -----------------------------------------
@@ -418,12 +468,7 @@ def test_every_tagged_example_in_the_doc_is_valid() -> None:
         elif kind == "dead-letter":
             doc = strict_json(body)
             assert_valid(DEAD_SCHEMA, doc)
-            if doc["reason"].startswith("malformed envelope: "):
-                with pytest.raises(EnvelopeError) as caught:
-                    parse_envelope(doc["envelope"])
-                assert doc["reason"] == f"malformed envelope: {caught.value}"
-            else:
-                assert parse_envelope(doc["envelope"]).attempt == doc["attempt"]
+            check_dead_letter_example(doc)
         elif kind == "http-payload":
             parse_http_request(strict_json(body))
         elif kind == "submit-script":

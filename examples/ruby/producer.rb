@@ -18,7 +18,7 @@
 #        [--deadline-in S] [--timeout S] [--bounded] [--payload JSON]
 #
 # It prints one JSON line per job and exits 0 when every job got an `ok` result,
-# 1 otherwise (2 for bad arguments).
+# 1 otherwise (2 for bad arguments, or a payload the pool would refuse unread).
 
 require "json"
 require "securerandom"
@@ -33,15 +33,25 @@ module ApiPool
     if limit > 0 and depth + #ARGV > limit then
       return -1 - depth
     end
-    local n = redis.call('LPUSH', KEYS[1], unpack(ARGV))
+    local n = depth
+    for i = 1, #ARGV, 1000 do
+      n = redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    end
     redis.call('HINCRBY', KEYS[3], 'submitted', #ARGV)
     return n
   LUA
 
   POOL_NAME = /\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\z/.freeze
   JOB_ID = /\A[A-Za-z0-9._:-]{1,128}\z/.freeze
+  # The pool's default max_envelope_bytes and its nesting limit (docs/wire-format.md,
+  # "Limits and bad input"): a slot dead-letters a bigger or deeper envelope unread.
+  MAX_ENVELOPE_BYTES = 1 << 20
+  MAX_JSON_DEPTH = 64
 
   Error = Class.new(StandardError)
+  # Raised before anything is pushed when an envelope would be dead-lettered
+  # unread: over the size limit, nested too deep, or not JSON (NaN, Infinity).
+  EnvelopeError = Class.new(Error)
   # Raised by a bounded submit when the queue is full; nothing was queued.
   class QueueFull < Error
     attr_reader :depth
@@ -83,17 +93,33 @@ module ApiPool
       env
     end
 
+    # The envelope as the JSON to push; EnvelopeError when a slot would refuse it
+    # unread (over max_bytes, nested deeper than MAX_JSON_DEPTH, NaN or Infinity).
+    def encode(env, max_bytes: MAX_ENVELOPE_BYTES)
+      json = JSON.generate(env, max_nesting: MAX_JSON_DEPTH)
+      if json.bytesize > max_bytes
+        raise EnvelopeError, "envelope of #{json.bytesize} bytes is over the limit of #{max_bytes} bytes"
+      end
+
+      json
+    rescue JSON::NestingError, JSON::GeneratorError => e
+      raise EnvelopeError, "envelope is not JSON a pool accepts: #{e.message}"
+    end
+
     # Queue one job; returns its id. bounded: true runs the SUBMIT script and
     # raises QueueFull (nothing queued) when the pool's max_queue_length is
     # reached; the default is a plain LPUSH (no bound, not counted in stats).
+    # Raises EnvelopeError (nothing queued) for an envelope over max_bytes (pass
+    # the pool's --max-envelope-bytes if it is not the default).
     def submit(payload, id: SecureRandom.uuid, deadline_in: nil, handler: nil, meta: nil,
-               bounded: false, redis: self.redis, pool: self.pool)
+               bounded: false, max_bytes: MAX_ENVELOPE_BYTES, redis: self.redis, pool: self.pool)
       env = envelope(payload, id: id, deadline_in: deadline_in, handler: handler, meta: meta)
-      push(redis, pool, [JSON.generate(env)], bounded: bounded)
+      push(redis, pool, [encode(env, max_bytes: max_bytes)], bounded: bounded)
       id
     end
 
-    # Push serialized envelopes; returns the queue length after the push.
+    # Push serialized envelopes; returns the queue length after the push. Keep a
+    # batch to a few thousand: one push is one Redis command.
     def push(redis, pool, envelopes, bounded: false)
       queue = key(pool, "queue")
       return redis.lpush(queue, envelopes) unless bounded
@@ -207,7 +233,7 @@ module ApiPool
       payload = opts[:payload] || { "method" => "GET", "url" => opts[:url] }
       rejected = {}
       ids.each do |id|
-        env = JSON.generate(ApiPool.envelope(payload, id: id, deadline_in: opts[:deadline_in]))
+        env = ApiPool.encode(ApiPool.envelope(payload, id: id, deadline_in: opts[:deadline_in]))
         delay = 0.05
         begin
           ApiPool.push(redis, opts[:pool], [env], bounded: opts[:bounded])
@@ -248,6 +274,9 @@ module ApiPool
         emit(line)
       end
       all_ok ? 0 : 1
+    rescue ApiPool::EnvelopeError => e
+      warn "producer.rb: #{e.message}"
+      2
     rescue Redis::BaseError => e
       warn "producer.rb: redis: #{e.class}: #{e.message}"
       1

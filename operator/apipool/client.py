@@ -6,6 +6,7 @@ docs/wire-format.md, so producers in other languages can do the same by hand.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable
@@ -16,8 +17,9 @@ import redis
 from redis.exceptions import RedisError
 
 from . import defaults
-from .envelope import make_envelope
+from .envelope import make_envelope, parse_envelope
 from .errors import (
+    ConfigError,
     EnvelopeError,
     JobExpired,
     JobFailed,
@@ -27,6 +29,21 @@ from .errors import (
 )
 from .protocol import Outcome, PoolProtocol
 from .settings import check_pool_name
+
+
+def _int_or(value: Any, default: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return int(value) if isinstance(value, int) or value.is_integer() else default
+
+
+def _time_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -43,17 +60,31 @@ class JobResult:
     finished_at: float | None
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> JobResult:
-        doc = json.loads(raw)
+    def from_json(cls, raw: str | bytes, job_id: str | None = None) -> JobResult:
+        """Read a result record; JobFailed (``malformed result record: ...``)
+        when it is not JSON, not an object, or lacks a string ``id`` or
+        ``status``. Other fields of the wrong type read as absent."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise JobFailed(job_id or "?", f"malformed result record: not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            why = f"a JSON {type(doc).__name__}, not an object"
+            raise JobFailed(job_id or "?", f"malformed result record: {why}")
+        record_id, status = doc.get("id"), doc.get("status")
+        if not isinstance(record_id, str) or not isinstance(status, str):
+            why = "fields 'id' and 'status' must be strings"
+            raise JobFailed(job_id or "?", f"malformed result record: {why}")
+        error = doc.get("error")
         return cls(
-            id=doc["id"],
-            status=doc["status"],
+            id=record_id,
+            status=status,
             result=doc.get("result"),
-            error=doc.get("error"),
-            attempt=int(doc.get("attempt") or 0),
-            slot=int(doc.get("slot") if doc.get("slot") is not None else -1),
-            started_at=doc.get("started_at"),
-            finished_at=doc.get("finished_at"),
+            error=None if error is None else str(error),
+            attempt=_int_or(doc.get("attempt"), 0),
+            slot=_int_or(doc.get("slot"), -1),
+            started_at=_time_or_none(doc.get("started_at")),
+            finished_at=_time_or_none(doc.get("finished_at")),
         )
 
     def value(self) -> Any:
@@ -97,13 +128,15 @@ class Client:
     # -- submitting -------------------------------------------------------------
 
     def _encode(self, payload: Any, deadline: float | None, handler: str | None) -> tuple[str, str]:
+        """The job id and envelope JSON; EnvelopeError for anything a slot would
+        dead-letter as malformed (over the size limit, nested too deep, a value
+        that is not JSON, a number beyond a double)."""
         env = make_envelope(payload, deadline=deadline, handler=handler)
-        raw = env.to_json()
-        if len(raw.encode()) > self.max_envelope_bytes:
-            raise EnvelopeError(
-                f"envelope of {len(raw.encode())} bytes is over the limit of "
-                f"{self.max_envelope_bytes} bytes"
-            )
+        try:
+            raw = env.to_json()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise EnvelopeError(f"payload is not JSON: {exc}") from exc
+        parse_envelope(raw, max_bytes=self.max_envelope_bytes)
         return env.id, raw
 
     def _push(self, raws: list[str]) -> None:
@@ -130,8 +163,16 @@ class Client:
         deadline: float | None = None,
         handler: str | None = None,
     ) -> list[str]:
-        """Queue many jobs in one round trip, all or none (QueueFull)."""
-        encoded = [self._encode(p, deadline, handler) for p in payloads]
+        """Queue many jobs in one round trip, all or none (QueueFull). At most
+        ``defaults.MAX_SUBMIT_BATCH`` payloads: a larger batch raises ConfigError
+        before anything is queued (split it into several calls)."""
+        batch = list(itertools.islice(payloads, defaults.MAX_SUBMIT_BATCH + 1))
+        if len(batch) > defaults.MAX_SUBMIT_BATCH:
+            raise ConfigError(
+                f"submit_many takes at most {defaults.MAX_SUBMIT_BATCH} payloads in one "
+                "batch (one Redis command); split the batch into several calls"
+            )
+        encoded = [self._encode(p, deadline, handler) for p in batch]
         if encoded:
             self._push([raw for _, raw in encoded])
         return [job_id for job_id, _ in encoded]
@@ -139,7 +180,8 @@ class Client:
     # -- results ----------------------------------------------------------------
 
     def wait(self, job_id: str, timeout: float) -> JobResult:
-        """Block until the job's result record exists; it stays for other readers."""
+        """Block until the job's result record exists; it stays for other readers.
+        ResultTimeout when it does not appear in time; JobFailed when it is malformed."""
         key = self.keys.result(job_id)
         deadline = time.monotonic() + timeout
         while True:
@@ -154,7 +196,7 @@ class Client:
             except RedisError as exc:
                 raise RedisUnavailable(f"waiting for job {job_id} failed: {exc}") from exc
             if raw is not None:
-                return JobResult.from_json(raw)
+                return JobResult.from_json(raw, job_id)
 
     def result(self, job_id: str, timeout: float = 30.0) -> Any:
         """The handler's return value; raises ResultTimeout, JobFailed or JobExpired."""

@@ -1,24 +1,35 @@
 """The job envelope, the result record and the dead-letter entry (the wire format).
 
 docs/wire-format.md documents these for producers in any language and
-``schemas/job-envelope.schema.json`` is the JSON Schema of the envelope. The
-validator here is hand-written for speed; a test keeps it in step with the
-schema.
+``schemas/`` holds their JSON Schemas. The validator here is hand-written for
+speed; a test keeps it in step with the schema.
+
+Reading untrusted bytes is bounded before any parsing: the size is checked
+first (an envelope over the limit is never parsed), then the nesting depth of
+objects and arrays by a linear scan (strings stripped, brackets counted), and
+only then ``json.loads`` runs, with NaN, Infinity and numbers beyond a double
+refused. :func:`parse_envelope` raises nothing but :class:`EnvelopeError`;
+:func:`salvage_id` and :func:`dead_letter_entry` raise nothing at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from . import defaults
 from .errors import EnvelopeError
 from .protocol import Outcome
+from .redact import redact_payload, redact_text
 
 ENVELOPE_FIELDS = frozenset(
     {"id", "payload", "submitted_at", "attempt", "deadline", "reply_to", "handler", "meta"}
@@ -55,7 +66,15 @@ class Envelope:
             value = getattr(self, name)
             if value is not None:
                 doc[name] = value
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+        # Unescaped text keeps a retried envelope the size the producer sent (an
+        # escaped é is 6 bytes), unless it holds a lone surrogate, which UTF-8
+        # cannot carry and only an escape can.
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+        return text
 
     def next_attempt(self) -> Envelope:
         return Envelope(
@@ -107,17 +126,6 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]} is out of range")
-    return value
-
-
 def _check_fields(env: Envelope) -> None:
     if not isinstance(env.id, str) or not ID_PATTERN.fullmatch(env.id):
         raise EnvelopeError("field 'id' must be 1-128 characters of A-Z a-z 0-9 . _ : -")
@@ -135,15 +143,98 @@ def _check_fields(env: Envelope) -> None:
         raise EnvelopeError("field 'meta' must be an object or null")
 
 
-def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_BYTES) -> Envelope:
-    """Parse and validate a raw envelope; raise EnvelopeError with the reason."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > max_bytes:
-        raise EnvelopeError(f"envelope of {size} bytes is over the limit of {max_bytes} bytes")
+# -- reading untrusted JSON, bounded -------------------------------------------------
+
+# A JSON string, or an unterminated one up to the end of the text: possessive, and
+# matching from every opening quote, so one pass is linear whatever the input.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
+_BRACKET_STEP = tuple(1 if c in b"[{" else -1 for c in range(256))
+_MAX_DOUBLE_INT = int(sys.float_info.max)
+_MAX_INT_DIGITS = len(str(_MAX_DOUBLE_INT))
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % _MAX_INT_DIGITS)
+
+
+def _encoded(raw: str | bytes) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+
+
+def json_depth(text: bytes) -> int:
+    """How deep objects and arrays nest in JSON ``text`` (0 for a scalar), from
+    its brackets outside strings; linear in the length, no recursion. Exact for
+    valid JSON; for invalid JSON a figure json.loads would not go beyond."""
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKET)
+    opening = brackets.count(b"[") + brackets.count(b"{")
+    if opening <= 1:
+        return opening
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _double_range_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    value = int(text) if digits <= _MAX_INT_DIGITS else None
+    if value is None or abs(value) > _MAX_DOUBLE_INT:
+        raise ValueError(f"integer of {digits} digits is out of range (beyond a double)")
+    return value
+
+
+def load_json(
+    raw: str | bytes,
+    *,
+    max_bytes: int,
+    max_depth: int = defaults.MAX_JSON_DEPTH,
+    strict: bool = True,
+) -> Any:
+    """Strict JSON of untrusted ``raw``, or EnvelopeError (never another error).
+
+    Checked in this order, each before any parsing: at most ``max_bytes`` bytes,
+    UTF-8, nesting of objects and arrays at most ``max_depth`` deep. NaN,
+    Infinity and numbers a double cannot hold (``1e400``, a 400-digit integer)
+    are refused, so what is read can be written back unchanged; ``strict=False``
+    reads them anyway (as floats), for a look at a document that is refused."""
+    data = _encoded(raw)
+    if len(data) > max_bytes:
+        raise EnvelopeError(f"envelope of {len(data)} bytes is over the limit of {max_bytes} bytes")
     try:
-        doc = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(
+            f"envelope is not valid JSON: not UTF-8 (byte {data[exc.start]:#04x} at {exc.start})"
+        ) from None
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise EnvelopeError(
+            f"envelope nests objects and arrays {depth} deep, over the limit of {max_depth}"
+        )
+    long_ints = _LONG_DIGITS.search(data) is not None
+    try:
+        if not strict:
+            return json.loads(text, parse_int=float if long_ints else int)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_double_range_int if long_ints else int,
+        )
+    except (ValueError, RecursionError) as exc:
         raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
+
+
+def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_BYTES) -> Envelope:
+    """Parse and validate a raw envelope; raise EnvelopeError with the reason
+    (and nothing else, whatever ``raw`` holds). Over ``max_bytes`` it is not parsed."""
+    doc = load_json(raw, max_bytes=max_bytes)
     if not isinstance(doc, dict):
         raise EnvelopeError(f"envelope must be a JSON object, not {type(doc).__name__}")
     missing = [name for name in REQUIRED_FIELDS if name not in doc]
@@ -151,9 +242,10 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_B
         raise EnvelopeError(f"envelope lacks required field(s): {', '.join(missing)}")
     unknown = sorted(set(doc) - ENVELOPE_FIELDS)
     if unknown:
-        raise EnvelopeError(
-            f"envelope has unknown field(s): {', '.join(unknown)} (put free data in 'meta')"
-        )
+        names = ", ".join(unknown)
+        if len(names) > 200:
+            names = f"{names[:200]}... ({len(unknown)} in all)"
+        raise EnvelopeError(f"envelope has unknown field(s): {names} (put free data in 'meta')")
     attempt = doc["attempt"]
     if isinstance(attempt, float) and attempt.is_integer():
         attempt = int(attempt)  # JSON Schema counts 1.0 as an integer too
@@ -171,11 +263,13 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_B
     return env
 
 
-def salvage_id(raw: str | bytes) -> str | None:
-    """The job id of an envelope that failed validation, when one can be read."""
+def salvage_id(raw: str | bytes, *, max_bytes: int) -> str | None:
+    """The job id of an envelope that failed validation, when one can be read
+    (also past a NaN or a number out of range); None for an envelope over
+    ``max_bytes`` (never parsed) or nested too deep. Never raises."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        doc = load_json(raw, max_bytes=max_bytes, strict=False)
+    except EnvelopeError:
         return None
     if isinstance(doc, dict):
         job_id = doc.get("id")
@@ -210,21 +304,81 @@ def result_record(
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
+# -- dead letters -------------------------------------------------------------------
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, never inside a character
+    (a lone surrogate becomes ``?``)."""
+    return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
+
+
+def dead_letter_reason(reason: str, redact_headers: Iterable[str] = ()) -> str:
+    """A reason fit for a dead letter and a result record: URLs and secret
+    headers (``defaults.REDACT_HEADERS`` and ``redact_headers``) redacted, at most
+    ``defaults.DEAD_LETTER_ENVELOPE_BYTES`` bytes of UTF-8, never empty. Never raises."""
+    try:
+        reason = redact_text(reason, redact_headers)
+    except Exception:  # never let a dead letter fail; say nothing rather than a secret
+        reason = "(reason withheld: it could not be redacted)"
+    return clip_utf8(reason, defaults.DEAD_LETTER_ENVELOPE_BYTES) or "(no reason given)"
+
+
+def dead_letter_envelope(
+    raw: str | bytes, *, max_bytes: int, redact_headers: Iterable[str] = ()
+) -> str | None:
+    """What a dead letter keeps of envelope ``raw``, cut to
+    ``defaults.DEAD_LETTER_ENVELOPE_BYTES`` bytes: None over ``max_bytes`` (never
+    read, as TAKE does in Redis). A JSON object with a ``payload`` has that
+    payload redacted by ``redact_payload`` (re-serialized compactly when that
+    changed anything, else its text as taken); any other text (not JSON, not
+    such an object) is redacted by ``redact_text``; both redact
+    ``defaults.REDACT_HEADERS`` and ``redact_headers``. Invalid UTF-8 is replaced.
+    Never raises: when redaction fails the body is dropped (None)."""
+    data = _encoded(raw)
+    if len(data) > max_bytes:
+        return None
+    try:
+        doc = load_json(raw, max_bytes=max_bytes)
+    except EnvelopeError:
+        doc = None
+    try:
+        text = data.decode("utf-8", "replace")
+        if isinstance(doc, dict) and "payload" in doc:
+            payload = redact_payload(doc["payload"], redact_headers)
+            if payload != doc["payload"]:
+                text = json.dumps({**doc, "payload": payload}, separators=(",", ":"))
+        else:
+            text = redact_text(text, redact_headers)
+        return clip_utf8(text, defaults.DEAD_LETTER_ENVELOPE_BYTES)
+    except Exception:  # never let a dead letter fail; keep no body rather than a secret
+        return None
+
+
 def dead_letter_entry(
     *,
-    raw: str,
+    raw: str | bytes,
     reason: str,
     slot: int,
     job_id: str | None,
     attempt: int | None,
     now: float | None = None,
+    max_bytes: int = defaults.MAX_ENVELOPE_BYTES,
+    redact_headers: Iterable[str] = (),
 ) -> str:
+    """The JSON of one dead letter (schemas/dead-letter.schema.json), bounded and
+    free of secrets: the reason by :func:`dead_letter_reason`, the envelope by
+    :func:`dead_letter_envelope`, plus the envelope's size and SHA-1 (of its raw
+    bytes, as TAKE writes them for an over-limit envelope). Never raises."""
+    data = _encoded(raw)
     doc = {
         "id": job_id,
-        "reason": reason,
+        "reason": dead_letter_reason(reason, redact_headers),
         "slot": slot,
         "attempt": attempt,
         "failed_at": time.time() if now is None else now,
-        "envelope": raw,
+        "envelope": dead_letter_envelope(raw, max_bytes=max_bytes, redact_headers=redact_headers),
+        "envelope_bytes": len(data),
+        "envelope_sha1": hashlib.sha1(data).hexdigest(),
     }
     return json.dumps(doc, separators=(",", ":"))

@@ -2,8 +2,10 @@
 
 A handler is ``fn(payload, call)``, sync or async; ``call`` is a :class:`Call`
 with the job id and attempt (for idempotency keys). Its return value must be
-JSON-serialisable and becomes the job's result. The built-in ``http`` handler
-lives in ``http_handler.py`` and is imported only when a slot serves it.
+JSON-serialisable and becomes the job's result; a handler raises
+:class:`~apipool.errors.PermanentError` when a retry cannot help. The built-in
+``http`` handler lives in ``http_handler.py`` and is imported only when a slot
+serves it; one handler object per policy, shared by the specs that name it.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def load_handler(
     policy that allows no private address, the default limits)."""
     name, target = _split_spec(spec.strip())
     if target == BUILTIN_HTTP:
-        from .http_handler import http_handler  # aiohttp: the slot extra
+        from .http_handler import shared_http_handler  # aiohttp: the slot extra
 
-        return Handler(name=name, spec=spec, fn=http_handler, is_async=True)
+        builtin = shared_http_handler(http, limits)  # ConfigError on a bad allowed URL
+        return Handler(name=name, spec=spec, fn=builtin, is_async=True)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"handler {spec!r}: expected 'http' or 'module:function'")

@@ -6,6 +6,9 @@ Guarantees of :class:`Heartbeat`:
   renew the lease, or try to acquire it, then read the pool's size;
 - :attr:`Heartbeat.last_tick` is the clock at the start of the latest beat, and
   :attr:`Heartbeat.redis_ok` whether that beat reached Redis;
+  :attr:`Heartbeat.refused` says why Redis refused it (a permanent error), if it did;
+- each beat also lets the :class:`~apipool.redis_checks.EvictionGuard`, when
+  given, read Redis's memory policy when a check is due;
 - tasks in :meth:`Heartbeat.wait_change` wake after every beat and at
   :meth:`Heartbeat.wake`;
 - when the process's parent is no longer ``parent_pid`` (the local supervisor is
@@ -28,6 +31,7 @@ from redis.exceptions import RedisError
 
 from .lease import Lease
 from .metrics import SlotMetrics
+from .redis_checks import EvictionGuard, error_kind, exception_text
 
 log = logging.getLogger("apipool.slot")
 
@@ -42,6 +46,7 @@ class Heartbeat:
         metrics: SlotMetrics | None = None,
         parent_pid: int | None = None,
         on_orphaned: Callable[[], None] | None = None,
+        eviction: EvictionGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lease = lease
@@ -50,9 +55,12 @@ class Heartbeat:
         self.metrics = metrics
         self.parent_pid = parent_pid
         self.on_orphaned = on_orphaned
+        self.eviction = eviction
         self._clock = clock
         self.last_tick = clock()
         self.redis_ok = False
+        self.refused: str | None = None
+        """Why Redis refused the latest beat (a permanent error); None when it did not."""
         self._changed = asyncio.Event()
         self._orphaned = False
 
@@ -61,22 +69,38 @@ class Heartbeat:
         return self._clock() - self.last_tick
 
     async def beat(self) -> None:
-        """One beat: keep or get the lease, read the pool's size; Redis errors are
-        recorded in ``redis_ok``, never raised."""
+        """One beat: keep or get the lease, read the pool's size, check the memory
+        policy when due; Redis errors are recorded in ``redis_ok`` and ``refused``,
+        never raised."""
         was_held = self.lease.held
         try:
             await self.lease.refresh(self.r)
             await self.lease.check_pool_size(self.r)
-            self.redis_ok = True
+            self.redis_ok, self.refused = True, None
         except RedisError as exc:
-            if self.redis_ok:
-                log.warning("redis unreachable at heartbeat: %s", exc)
-            self.redis_ok = False
+            self._failed(exc)
+        if self.eviction is not None and self.redis_ok:
+            await self.eviction.maybe_check(self.r)
         if self.metrics is not None:
             if was_held and not self.lease.held:
                 self.metrics.lease_losses.inc()
             self.metrics.lease_held.set(1 if self.lease.valid_for(0) else 0)
         self._changed.set()
+
+    def _failed(self, exc: RedisError) -> None:
+        text = exception_text(exc)
+        if error_kind(exc) == "transient":
+            if self.redis_ok:
+                log.warning("redis unreachable at heartbeat: %s", text)
+            self.redis_ok, self.refused = False, None
+            return
+        refused = f"redis refused the heartbeat: {text}"
+        if refused != self.refused:
+            log.error("%s", refused)
+        if self.metrics is not None:
+            self.metrics.redis_error("permanent")
+        # Redis answers, with an error: /readyz says which rather than "unreachable".
+        self.redis_ok, self.refused = True, refused
 
     def _watch_parent(self) -> None:
         parent = self.parent_pid

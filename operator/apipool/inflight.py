@@ -5,9 +5,15 @@ Guarantees of :class:`InFlight` (see layout.py for TAKE, COMPLETE and REQUEUE):
 - a job enters ``inflight:<i>`` only by :meth:`~InFlight.take` or along with
   the outcome of the previous job (``take_next``), and leaves only by COMPLETE
   or REQUEUE, so it is always in exactly one place;
-- each COMPLETE or REQUEUE is retried until Redis takes it; it is given up only
-  once a stop has lasted the shutdown grace, and the job then stays in flight
-  for the next incarnation to recover;
+- each COMPLETE or REQUEUE is retried until Redis takes it, by the kind of
+  error Redis gave (retrying.py): soon after a transient one; after a permanent
+  one, a job's outcome is offered as a minimal dead letter (no result record)
+  instead, and both are tried again every 10 s; it is given up only at a stop,
+  and the job then stays in flight for the next incarnation to recover;
+- a result key that holds something other than a list never strands a job: its
+  dead letter is written without a result record;
+- an envelope that WAIT moved in past ``max_envelope_bytes`` is dead-lettered
+  by its size, neither parsed nor decoded here;
 - a job taken along with an outcome is kept until :meth:`~InFlight.pop_next`;
 - after a take or a script whose reply may have been lost, the list is looked
   at (:meth:`~InFlight.hand_back_strays`) before the next take, so a job moved
@@ -19,9 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -29,11 +34,13 @@ from redis.exceptions import RedisError
 from .envelope import Envelope
 from .metrics import SlotMetrics
 from .protocol import FinishCode, Finished, Outcome, PoolProtocol, Step
-from .recovery import DeadLetter, dead_letter, dead_letter_step, recover, recovery_step
+from .recovery import DeadLetter, dead_letter, recover, recovery_step
+from .redact import redact_text
+from .retrying import Retrier
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
-T = TypeVar("T")
+TAKING = "taking a job"
 
 
 class InFlight:
@@ -60,6 +67,37 @@ class InFlight:
         self.maybe_stray = False
         """A take or a script's reply may have been lost: look before the next take."""
         self._next: bytes | None = None
+        self.retrier = Retrier(
+            stopping=stopping,
+            grace=settings.timings.shutdown_grace,
+            metrics=metrics,
+            redact=settings.http.redact_headers,
+            on_error=self._reply_maybe_lost,
+        )
+
+    def _reply_maybe_lost(self) -> None:
+        # The script may have run with its reply lost, taking a job we do not
+        # know of: look at the in-flight list before the next take.
+        self.maybe_stray = True
+
+    @property
+    def refused(self) -> str | None:
+        """Why Redis refuses this slot's steps (a permanent error), else None."""
+        return self.retrier.refused
+
+    def redact(self, text: str) -> str:
+        return redact_text(text, self.settings.http.redact_headers)
+
+    def _dead_letter(self, raw: bytes, reason: str, *, env: Envelope | None) -> DeadLetter:
+        """The dead letter of ``raw``; over the size limit it is never parsed."""
+        return dead_letter(
+            raw,
+            reason,
+            env=env,
+            slot=self.slot,
+            max_bytes=self.settings.limits.max_envelope_bytes,
+            redact_headers=self.settings.http.redact_headers,
+        )
 
     @property
     def _ttl_ms(self) -> int:
@@ -71,10 +109,12 @@ class InFlight:
         """TAKE (an over-limit envelope is dead-lettered inside Redis and never
         reaches us); when the queue is empty, WAIT: BLMOVE queue -> inflight:<i>
         for up to ``take_block`` seconds (a decimal timeout, which Redis >= 6
-        accepts). A Redis error propagates."""
+        accepts); what WAIT brings past ``max_envelope_bytes`` is dead-lettered
+        here unread. A Redis error propagates (see :meth:`take_failed`)."""
         timeout = self.settings.timings.take_block
         try:
             taken = await self.proto.take(self.slot).arun(self.r)
+            self.retrier.taken(TAKING)
             self.oversize_dropped(taken.skipped)
             if taken.job is not None:
                 return taken.job
@@ -82,7 +122,31 @@ class InFlight:
         except RedisError:
             self.maybe_stray = True  # the move may have happened with its reply lost
             raise
-        return cast(bytes | None, raw)
+        job = cast(bytes | None, raw)
+        if job is not None and len(job) > self.settings.limits.max_envelope_bytes:
+            del job, raw  # unread: only its size was looked at
+            await self.drop_oversize()
+            return None
+        return job
+
+    async def take_failed(self, exc: RedisError) -> None:
+        """After a take failed: log and count it, then wait a moment (a transient
+        error) or :data:`~apipool.redis_checks.REFUSED_RETRY` seconds (Redis
+        refused it: ``refused`` says why meanwhile), less when a stop begins."""
+        if self.retrier.note(TAKING, exc) == "transient":
+            await asyncio.sleep(0.2)
+        else:
+            await self.retrier.pause(self.retrier.refused_retry)
+
+    async def drop_oversize(self) -> None:
+        """Dead-letter every over-limit envelope in the list by its size and
+        SHA-1, inside Redis: neither parsed nor sent back (an envelope over
+        Redis's proto-max-bulk-len could not even be an argument of a step)."""
+        step = self.proto.drop_oversize(self.slot)
+        self.oversize_dropped(
+            await self.retrier.run("dropping an over-limit envelope", lambda: step.arun(self.r))
+            or 0
+        )
 
     def oversize_dropped(self, count: int) -> None:
         """Count envelopes that Redis dead-lettered for their size while we took."""
@@ -98,6 +162,9 @@ class InFlight:
         raw, self._next = self._next, None
         return raw
 
+    async def length(self) -> int:
+        return int(await self.r.llen(self.key))
+
     async def items(self) -> list[bytes]:
         return cast(list[bytes], await self.r.lrange(self.key, 0, -1))
 
@@ -107,36 +174,30 @@ class InFlight:
 
     # -- writes that must happen -----------------------------------------------------
 
-    async def _persist(self, what: str, op: Callable[[], Awaitable[T]]) -> T | None:
-        """Retry ``op`` until Redis takes it; None once stopping outlasted the grace."""
-        delay = 0.05
-        give_up_at: float | None = None
-        while True:
-            try:
-                return await op()
-            except RedisError as exc:
-                log.warning("%s failed (%s); retrying", what, exc)
-                # The script may have run with its reply lost, taking a job we
-                # do not know of: look at the in-flight list before the next take.
-                self.maybe_stray = True
-            if self.stopping.is_set():
-                grace = self.settings.timings.shutdown_grace
-                give_up_at = give_up_at or time.monotonic() + grace
-                if time.monotonic() > give_up_at:
-                    log.error("%s: giving up at shutdown; the job stays in flight", what)
-                    return None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def _run(self, what: str, step: Step[Finished]) -> FinishCode | None:
-        """Run a COMPLETE or REQUEUE step until Redis takes it; keep the next job it took."""
-        answer = await self._persist(what, lambda: step.arun(self.r))
+    async def _run(
+        self, what: str, step: Step[Finished], *, raw: bytes | None = None
+    ) -> FinishCode | None:
+        """Run a COMPLETE or REQUEUE step until Redis takes it; keep the next job it
+        took. With ``raw``, a step Redis refuses is offered as a minimal dead letter."""
+        fallback = None if raw is None else self._minimal_dead_letter(raw)
+        answer = await self.retrier.run(what, lambda: step.arun(self.r), fallback=fallback)
         if answer is None:
             return None
         if answer.next is not None:
             self._next = answer.next
         self.oversize_dropped(answer.skipped)
         return answer.code
+
+    def _minimal_dead_letter(self, raw: bytes) -> Callable[[str], Awaitable[Finished]]:
+        """The smallest step that still ends job ``raw``: COMPLETE with its dead
+        letter only (no result record, no next job), given why Redis refused."""
+
+        async def step(why: str) -> Finished:
+            dead = self._dead_letter(raw, why, env=None)
+            log.warning("dead-lettering job %s without a result: %s", dead.job_id, why)
+            return await self._dead_step(raw, dead, result_key=None).arun(self.r)
+
+        return step
 
     def _take_next(self, wanted: bool) -> bool:
         return wanted and self.may_take_next()
@@ -153,22 +214,28 @@ class InFlight:
         take_next: bool = False,
     ) -> bool:
         """Write the job's one outcome; True when written as asked. A ``reply_to``
-        that is not a list gets the job dead-lettered at its default result key."""
+        that is not a list gets the job dead-lettered at its default result key,
+        a result key that is not a list gets it dead-lettered without a result."""
+        result_key = self.proto.result_key(job_id, reply_to)
         step = self.proto.complete(
             self.slot,
             raw,
-            result_key=self.proto.result_key(job_id, reply_to),
+            result_key=result_key,
             record=record,
             ttl_ms=self._ttl_ms,
             outcome=outcome,
             busy_ms=busy_ms,
             take_next=self._take_next(take_next),
         )
-        done = await self._run(f"completing job {job_id}", step)
-        if done == FinishCode.WRONG_TYPE and reply_to:
-            reason = f"reply_to key {reply_to!r} is not a list"
-            dead = dead_letter(raw, reason, env=None, slot=self.slot)
-            await self.write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next)
+        done = await self._run(f"completing job {job_id}", step, raw=raw)
+        if done == FinishCode.WRONG_TYPE:
+            if reply_to:
+                reason = f"reply_to key {reply_to!r} is not a list"
+            else:
+                reason = f"result key {result_key!r} is not a list; no result written"
+            dead = self._dead_letter(raw, reason, env=None)
+            keyless = not reply_to
+            await self.write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next, keyless=keyless)
             return False
         if done == FinishCode.GONE:
             log.warning("job %s was no longer in flight here; outcome not written", job_id)
@@ -182,37 +249,93 @@ class InFlight:
         env: Envelope | None,
         busy_ms: int = 0,
         take_next: bool = False,
+        keyless: bool = False,
     ) -> None:
-        """Dead-letter the job: result record, dead-letter entry and counter at once."""
-        dead = dead_letter(raw, reason, env=env, slot=self.slot)
-        await self.write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next)
+        """Dead-letter the job: result record (unless ``keyless``), dead-letter
+        entry and counter at once. ``reason`` is redacted first."""
+        dead = self._dead_letter(raw, self.redact(reason), env=env)
+        await self.write_dead(raw, dead, busy_ms=busy_ms, take_next=take_next, keyless=keyless)
 
     async def write_dead(
-        self, raw: bytes, dead: DeadLetter, *, busy_ms: int = 0, take_next: bool = False
+        self,
+        raw: bytes,
+        dead: DeadLetter,
+        *,
+        busy_ms: int = 0,
+        take_next: bool = False,
+        keyless: bool = False,
     ) -> None:
-        log.warning("dead-lettering job %s: %s", dead.job_id, dead.reason)
-        step = dead_letter_step(
-            self.proto,
+        """Write ``dead`` as the job's one outcome; when its result key holds
+        something other than a list, again without a result record."""
+        log.warning("dead-lettering job %s: %s", dead.job_id, self.redact(dead.reason))
+        key = None if keyless else self.proto.result_key(dead.job_id, dead.reply_to)
+        what = f"dead-lettering job {dead.job_id}"
+        wanted = self._take_next(take_next)
+        step = self._dead_step(raw, dead, result_key=key, busy_ms=busy_ms, take_next=wanted)
+        if await self._run(what, step, raw=raw) == FinishCode.WRONG_TYPE:
+            log.warning("result key %r is not a list; dead letter written without a result", key)
+            step = self._dead_step(raw, dead, result_key=None, busy_ms=busy_ms, take_next=wanted)
+            await self._run(what, step, raw=raw)
+
+    def _dead_step(
+        self,
+        raw: bytes,
+        dead: DeadLetter,
+        *,
+        result_key: str | None,
+        busy_ms: int = 0,
+        take_next: bool = False,
+    ) -> Step[Finished]:
+        return self.proto.complete(
             self.slot,
             raw,
-            dead,
+            result_key=result_key,
+            record=dead.record if result_key else "",
             ttl_ms=self._ttl_ms,
+            outcome=Outcome.DEAD,
             busy_ms=busy_ms,
-            take_next=self._take_next(take_next),
+            dead_entry=dead.entry,
+            take_next=take_next,
         )
-        await self._run(f"dead-lettering job {dead.job_id}", step)
+
+    async def result_key_kind(self, raw: bytes, key: str) -> str | None:
+        """What the key a job's result goes to holds (``none``, ``list``, ...), read
+        before the call. None: Redis refused to say and the job was dead-lettered
+        in a minimal step instead, or a stop gave up waiting for Redis."""
+
+        async def kind() -> str:
+            answer = await self.r.type(key)
+            return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+        async def refused(why: str) -> str:
+            await self._minimal_dead_letter(raw)(why)
+            return ""
+
+        what = f"checking result key {key!r}"
+        return await self.retrier.run(what, kind, fallback=refused) or None
 
     async def retry(self, raw: bytes, env: Envelope, *, take_next: bool = False) -> bool:
-        """Queue the job again, at the back, as its next attempt (counted ``retried``)."""
+        """Queue the job again, at the back, as its next attempt (counted ``retried``);
+        dead-letter it instead when that envelope would not fit the size limit
+        (TAKE would drop it by size, and its waiter would never hear of it)."""
+        again = env.next_attempt().to_json()
+        size, limit = len(again.encode()), self.settings.limits.max_envelope_bytes
+        if size > limit:
+            reason = (
+                f"attempt {env.attempt} failed and its next envelope of {size} bytes "
+                f"would be over the limit of {limit} bytes"
+            )
+            await self.dead_letter(raw, reason, env=env, take_next=take_next)
+            return False
         step = self.proto.requeue(
             self.slot,
             raw,
-            env.next_attempt().to_json(),
+            again,
             front=False,
             outcome=Outcome.RETRIED,
             take_next=self._take_next(take_next),
         )
-        return await self._run("requeueing a job", step) == FinishCode.DONE
+        return await self._run("requeueing a job", step, raw=raw) == FinishCode.DONE
 
     async def hand_back(self, raw: bytes) -> bool:
         """Put a job taken but never started back at the front of the queue, unchanged."""
@@ -226,7 +349,9 @@ class InFlight:
         called the API, so each job costs an attempt (retried at the front, or
         dead-lettered after its last attempt). Run before the first take."""
         s = self.settings
-        for raw in await self._persist("reading the in-flight list", self.items) or []:
+        if await self.retrier.run("reading the in-flight list", self.length):
+            await self.drop_oversize()
+        for raw in await self.retrier.run("reading the in-flight list", self.items) or []:
             outcome = recover(
                 raw,
                 proto=self.proto,
@@ -234,9 +359,11 @@ class InFlight:
                 max_attempts=s.max_attempts,
                 max_bytes=s.limits.max_envelope_bytes,
                 why="slot died",
+                redact_headers=s.http.redact_headers,
             )
             if outcome.dead is not None:
-                log.warning("dead-lettering job %s: %s", outcome.dead.job_id, outcome.dead.reason)
+                reason = self.redact(outcome.dead.reason)
+                log.warning("dead-lettering job %s: %s", outcome.dead.job_id, reason)
             elif outcome.env is not None:
                 log.info(
                     "recovered job %s left in flight (attempt %d)",
@@ -253,5 +380,7 @@ class InFlight:
         if not self.maybe_stray:
             return
         self.maybe_stray = False
-        for raw in await self._persist("reading the in-flight list", self.items) or []:
+        if await self.retrier.run("reading the in-flight list", self.length):
+            await self.drop_oversize()
+        for raw in await self.retrier.run("reading the in-flight list", self.items) or []:
             await self.hand_back(raw)

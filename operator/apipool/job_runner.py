@@ -2,15 +2,24 @@
 
 Guarantees of :class:`JobRunner`:
 
-- a job that cannot be called (malformed, a refused ``reply_to``, an unknown
-  handler) is dead-lettered, one past its deadline is answered ``expired``;
-  neither calls anything;
+- a job that cannot be called (malformed, a refused ``reply_to``, an attempt
+  past ``max_attempts``, an unknown handler, a result key or ``reply_to`` that
+  holds something other than a list, read with ``TYPE`` before the call) is
+  dead-lettered, one past its deadline is answered ``expired``; neither calls
+  anything;
 - self-fencing: a call starts only while the lease stays valid for
   ``call_timeout + fence_margin``; for a job taken before the lease was lost and
   won again, only if the job is still in our in-flight list (someone may have
   recovered it meanwhile); a stop while waiting hands the job back unrun;
 - a call is bounded by ``call_timeout``; its outcome (ok, retried or dead) is
   written in one atomic step that may take the next job along;
+- what retrying cannot mend is dead-lettered after one call: a
+  :class:`~apipool.errors.PermanentError`, a ``BaseException`` of the handler
+  (``SystemExit``, ``KeyboardInterrupt``, ...: the slot carries on; only a stop's
+  ``CancelledError`` goes through), a result that is not JSON or whose JSON is
+  over ``max_result_bytes``;
+- failure texts are redacted (``redact.redact_text``) before they are logged or
+  stored;
 - a sync handler that overran its timeout sets :attr:`JobRunner.overrun`: its
   thread cannot be stopped, so the process must exit;
 - one bad job never stops the slot: an unforeseen error dead-letters that job.
@@ -23,17 +32,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from .envelope import Envelope, parse_envelope, result_record
-from .errors import EnvelopeError
+from .errors import EnvelopeError, PermanentError
 from .handlers import Call, Handler
 from .inflight import InFlight
 from .lease import Lease
 from .metrics import FailureCause, SlotMetrics
 from .probes import CallTracker
 from .protocol import Outcome
+from .recovery import attempt_problem
+from .redis_checks import exception_text
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
@@ -47,7 +60,9 @@ class Attempt:
     record: str = ""
     failure: str | None = None
     cause: FailureCause = "error"
-    """Failure cause for the metrics: ``error`` or ``timeout``."""
+    """Failure cause for the metrics: ``error``, ``timeout``, ``permanent``, ``bad result``."""
+    permanent: bool = False
+    """Retrying cannot help: dead-letter the job now, whatever attempts are left."""
 
 
 class JobRunner:
@@ -94,8 +109,12 @@ class JobRunner:
         except Exception as exc:  # a bug of ours or an input nobody foresaw
             log.exception("internal error on a job; dead-lettering it")
             self.metrics.outcome(Outcome.DEAD)
-            reason = f"internal error handling this job: {exc!r}"
+            reason = f"internal error handling this job: {self._text(exc)}"
             await self.inflight.dead_letter(raw, reason, env=None)
+
+    def _text(self, exc: BaseException) -> str:
+        """``Type: message`` of ``exc``, redacted and cut short."""
+        return exception_text(exc, self.settings.http.redact_headers)
 
     async def _process(self, raw: bytes, epoch: int) -> None:
         checked = await self._check(raw)
@@ -120,7 +139,7 @@ class JobRunner:
                 take_next=True,
             )
             return
-        if await self.fence(raw, epoch):
+        if await self._answerable(raw, env) and await self.fence(raw, epoch):
             await self._settle(raw, env, await self._call(env, handler))
 
     async def _check(self, raw: bytes) -> tuple[Envelope, Handler] | None:
@@ -139,6 +158,11 @@ class JobRunner:
             unanswerable = replace(env, reply_to=None)
             await self.inflight.dead_letter(raw, reason, env=unanswerable, take_next=True)
             return None
+        problem = attempt_problem(env, self.settings.max_attempts)
+        if problem:
+            self.metrics.outcome(Outcome.DEAD, cause="malformed")
+            await self.inflight.dead_letter(raw, problem, env=env, take_next=True)
+            return None
         handler = self.handlers.get(env.handler or "")
         if handler is None:
             known = ", ".join(sorted(name for name in self.handlers if name))
@@ -147,6 +171,27 @@ class JobRunner:
             await self.inflight.dead_letter(raw, reason, env=env, take_next=True)
             return None
         return env, handler
+
+    async def _answerable(self, raw: bytes, env: Envelope) -> bool:
+        """Whether the job's result can go where it is to go, read before the call
+        (a paid call whose outcome cannot be written would be repeated at every
+        restart); else the job was dead-lettered, uncalled."""
+        key = self.proto.result_key(env.id, env.reply_to)
+        assert key is not None  # a parsed envelope has an id
+        kind = await self.inflight.result_key_kind(raw, key)
+        if kind is None:  # Redis refused to say: dead-lettered already (or stopping)
+            return False
+        if kind in ("none", "list"):
+            return True
+        self.metrics.outcome(Outcome.DEAD, cause="malformed")
+        if env.reply_to:  # answered at the job's own result key instead
+            reason = f"reply_to key {key!r} is not a list (it holds a {kind})"
+            answer_here = replace(env, reply_to=None)
+            await self.inflight.dead_letter(raw, reason, env=answer_here, take_next=True)
+        else:
+            reason = f"result key {key!r} is not a list (it holds a {kind}); no result written"
+            await self.inflight.dead_letter(raw, reason, env=env, take_next=True, keyless=True)
+        return False
 
     async def fence(self, raw: bytes, epoch: int) -> bool:
         """Wait until the lease leaves room for a whole call; True: call job ``raw``
@@ -172,16 +217,15 @@ class JobRunner:
             await self.wait_lease_change(self.timings.heartbeat_interval)
 
     async def _call(self, env: Envelope, handler: Handler) -> Attempt:
-        """Run the handler once, bounded by call_timeout."""
+        """Run the handler once, bounded by call_timeout, and judge its result."""
         s = self.settings
-        timeout = self.timings.call_timeout
         call = Call(
             job_id=env.id,
             attempt=env.attempt,
             pool=s.pool,
             slot=s.slot,
             deadline=env.deadline,
-            timeout=timeout,
+            timeout=self.timings.call_timeout,
         )
         started_wall = time.time()
         self.metrics.queue_wait.observe(max(0.0, started_wall - env.submitted_at))
@@ -189,28 +233,65 @@ class JobRunner:
         self.metrics.busy.set(1)
         self.calls.start()
         try:
-            async with asyncio.timeout(timeout):
-                result = await handler.run(env.payload, call)
-            record = result_record(
-                job_id=env.id,
-                status=Outcome.OK,
-                attempt=env.attempt,
-                slot=s.slot,
-                result=result,
-                started_at=started_wall,
-            )
-            return Attempt(busy_ms=self._end_call(), record=record)
+            result, failed = await self._invoke(handler, env.payload, call)
+        finally:
+            busy_ms = self._end_call()  # also when a stop cancelled it
+        if failed is not None:
+            return replace(failed, busy_ms=busy_ms)
+        return self._judge(env, result, started_wall, busy_ms)
+
+    async def _invoke(
+        self, handler: Handler, payload: Any, call: Call
+    ) -> tuple[Any, Attempt | None]:
+        """The handler's return value, or how it failed. Every exception of the
+        handler is caught here, BaseExceptions too: only a stop's cancel goes on."""
+        try:
+            async with asyncio.timeout(call.timeout):
+                return await handler.run(payload, call), None
         except TimeoutError:
             if not handler.is_async:
                 self.overrun = True
-            failure = f"call timed out after {timeout:g} s"
-            return Attempt(busy_ms=self._end_call(), failure=failure, cause="timeout")
+            return None, Attempt(
+                0, failure=f"call timed out after {call.timeout:g} s", cause="timeout"
+            )
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # a stop (or a cancel of this task): it must go through
+            return None, Attempt(0, failure=self._text(exc))  # the handler's own
+        except PermanentError as exc:
+            return None, Attempt(0, failure=self._text(exc), cause="permanent", permanent=True)
         except Exception as exc:
-            failure = f"{type(exc).__name__}: {exc}"
-            return Attempt(busy_ms=self._end_call(), failure=failure)
-        finally:
-            if self.calls.running:  # cancelled: the call is over all the same
-                self._end_call()
+            return None, Attempt(0, failure=self._text(exc))
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, ...: the slot goes on
+            log.warning("the handler raised %s; dead-lettering the job", type(exc).__name__)
+            failure = f"handler raised {self._text(exc)}"
+            return None, Attempt(0, failure=failure, cause="permanent", permanent=True)
+
+    def _judge(self, env: Envelope, result: Any, started_wall: float, busy_ms: int) -> Attempt:
+        """The result record of a call that returned; a result that is not JSON or
+        whose JSON is over max_result_bytes is a failure retrying cannot mend."""
+        record_of = partial(
+            result_record,
+            job_id=env.id,
+            status=Outcome.OK,
+            attempt=env.attempt,
+            slot=self.settings.slot,
+            started_at=started_wall,
+            finished_at=time.time(),
+        )
+        try:
+            record = record_of(result=result)
+        except (TypeError, ValueError, RecursionError) as exc:
+            failure = f"result is not JSON-serialisable: {self._text(exc)}"
+            return Attempt(busy_ms, failure=failure, cause="bad result", permanent=True)
+        # The record with ``null`` for the result differs from it only there.
+        size = _size(record) - _size(record_of(result=None)) + len("null")
+        limit = self.settings.limits.max_result_bytes
+        if size > limit:
+            failure = f"result of {size} bytes is over the limit of {limit} bytes"
+            return Attempt(busy_ms, failure=failure, cause="bad result", permanent=True)
+        return Attempt(busy_ms, record=record)
 
     def _end_call(self) -> int:
         busy = self.calls.finish()
@@ -232,9 +313,10 @@ class JobRunner:
                 busy_ms=attempt.busy_ms,
                 take_next=True,
             )
-        elif env.attempt >= max_attempts:
+        elif attempt.permanent or env.attempt >= max_attempts:
             self.metrics.outcome(Outcome.DEAD, cause=attempt.cause)
-            reason = f"attempt {env.attempt} of {max_attempts} failed: {attempt.failure}"
+            verdict = "failed for good" if attempt.permanent else "failed"
+            reason = f"attempt {env.attempt} of {max_attempts} {verdict}: {attempt.failure}"
             await self.inflight.dead_letter(
                 raw, reason, env=env, busy_ms=attempt.busy_ms, take_next=True
             )
@@ -243,3 +325,8 @@ class JobRunner:
             why = attempt.failure
             log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, why)
             await self.inflight.retry(raw, env, take_next=True)
+
+
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without a copy when it is ASCII (as JSON mostly is)."""
+    return len(text) if text.isascii() else len(text.encode())

@@ -59,6 +59,10 @@ WAIT       ``BLMOVE queue inflight:<i> RIGHT LEFT`` (one command, atomic): the
            blocking take, used only after TAKE found the queue empty. What it
            returns reaches the slot whatever its size (bounded by Redis's
            ``proto-max-bulk-len``); the slot checks the size before parsing.
+DROP       (script) remove every over-limit envelope from a slot's in-flight
+           list and dead-letter it by size and SHA-1, all inside Redis: used
+           after WAIT brought one, and before recovery reads the list, so an
+           envelope too large to send back as an argument never strands a slot.
 ACQUIRE    (script) take the lease when free, keep it when ours, take it over at
            once when its owner is ours (the predecessor is known dead: the same
            supervisor or pod only starts a process after the old one is gone).
@@ -161,8 +165,10 @@ redis.call('HINCRBY', KEYS[3], 'submitted', #ARGV)
 return n
 """
 
-# Lua shared by TAKE, COMPLETE and REQUEUE (prepended to each script).
+# Lua shared by TAKE, DROP, COMPLETE and REQUEUE (prepended to each script).
 # trim_dead(dead, stats, max): keep the newest max dead letters, count the rest.
+# bury(v, dead, stats, max_bytes, max_dead, slot, now): dead-letter an
+#   over-limit envelope by its size and SHA-1 (its body is not kept).
 # take(queue, inflight, dead, stats, max_bytes, max_dead, slot, now):
 #   returns (envelope or false, number of over-limit envelopes dead-lettered).
 _TAKE_LUA = """
@@ -175,6 +181,15 @@ local function trim_dead(dead, stats, max_dead)
     end
   end
 end
+local function bury(v, dead, stats, max_bytes, max_dead, slot, now)
+  local size = string.len(v)
+  redis.call('LPUSH', dead, cjson.encode({
+    id = cjson.null, attempt = cjson.null, slot = slot, failed_at = now,
+    reason = 'envelope of ' .. size .. ' bytes is over the limit of ' .. max_bytes .. ' bytes',
+    envelope = cjson.null, envelope_bytes = size, envelope_sha1 = redis.sha1hex(v)}))
+  redis.call('HINCRBY', stats, 'dead', 1)
+  trim_dead(dead, stats, max_dead)
+end
 local function take(queue, inflight, dead, stats, max_bytes, max_dead, slot, now)
   local skipped = 0
   while skipped < 16 do
@@ -182,17 +197,11 @@ local function take(queue, inflight, dead, stats, max_bytes, max_dead, slot, now
     if not v then
       return false, skipped
     end
-    local size = string.len(v)
-    if size <= max_bytes then
+    if string.len(v) <= max_bytes then
       return v, skipped
     end
     redis.call('LPOP', inflight)
-    redis.call('LPUSH', dead, cjson.encode({
-      id = cjson.null, attempt = cjson.null, slot = slot, failed_at = now,
-      reason = 'envelope of ' .. size .. ' bytes is over the limit of ' .. max_bytes .. ' bytes',
-      envelope = cjson.null, envelope_bytes = size, envelope_sha1 = redis.sha1hex(v)}))
-    redis.call('HINCRBY', stats, 'dead', 1)
-    trim_dead(dead, stats, max_dead)
+    bury(v, dead, stats, max_bytes, max_dead, slot, now)
     skipped = skipped + 1
   end
   return false, skipped
@@ -253,6 +262,28 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+# KEYS[1] inflight, KEYS[2] dead, KEYS[3] stats
+# ARGV[1] max envelope bytes, ARGV[2] max dead letters (0: no cap), ARGV[3] slot,
+# ARGV[4] now (unix seconds)
+# returns the number of over-limit envelopes removed from the in-flight list and
+#         dead-lettered (by size and SHA-1): an envelope too large to send back
+#         as a script argument (over proto-max-bulk-len) is removed all the same
+DROP_SCRIPT = (
+    _TAKE_LUA
+    + """
+local max_bytes = tonumber(ARGV[1])
+local dropped = 0
+for _, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.len(v) > max_bytes then
+    redis.call('LREM', KEYS[1], 1, v)
+    bury(v, KEYS[2], KEYS[3], max_bytes, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+)
 
 # KEYS[1] inflight, KEYS[2] result key (when ARGV[8] is '1'; else any key of the
 #         pool, not written: the slot passes the dead list), KEYS[3] stats,

@@ -2,7 +2,8 @@
 
 Every series a dashboard may look for exists from the start (at 0): one
 ``apipool_calls_total`` per :class:`~apipool.protocol.Outcome` value and one
-``apipool_failures_total`` per cause in :data:`FAILURE_CAUSES`.
+``apipool_failures_total`` per cause in :data:`FAILURE_CAUSES`, one
+``apipool_redis_errors_total`` per kind (``transient``, ``permanent``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from typing import Literal, get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .protocol import Outcome
+from .redis_checks import ERROR_KINDS, ErrorKind
 
-FailureCause = Literal["error", "timeout", "malformed", "unknown handler"]
-"""Why a job did not succeed (label ``cause`` of apipool_failures_total)."""
+FailureCause = Literal[
+    "error", "timeout", "malformed", "unknown handler", "permanent", "bad result"
+]
+"""Why a job did not succeed (label ``cause`` of apipool_failures_total): the handler
+raised (``error``), overran its timeout, the envelope or its result key was unusable
+(``malformed``), no such handler, the handler said retrying cannot help or raised a
+BaseException (``permanent``), its result was not JSON or too large (``bad result``)."""
 FAILURE_CAUSES: tuple[FailureCause, ...] = get_args(FailureCause)
 
 
@@ -35,12 +42,21 @@ class SlotMetrics:
             self.calls.labels(outcome=outcome.value, **labels)
         self.failures = Counter(
             "apipool_failures",
-            "Jobs that did not succeed here, by cause (error, timeout, malformed, unknown handler)",
+            "Jobs that did not succeed here, by cause (error, timeout, malformed, unknown handler,"
+            " permanent, bad result)",
             ["pool", "slot", "cause"],
             registry=self.registry,
         )
         for cause in FAILURE_CAUSES:
             self.failures.labels(cause=cause, **labels)
+        self.redis_errors = Counter(
+            "apipool_redis_errors",
+            "Redis errors met while writing or taking jobs, by kind (transient, permanent)",
+            ["pool", "slot", "kind"],
+            registry=self.registry,
+        )
+        for kind in ERROR_KINDS:
+            self.redis_errors.labels(kind=kind, **labels)
         self.busy_seconds = Counter(
             "apipool_busy_seconds",
             "Seconds this slot spent inside handler calls",
@@ -85,3 +101,7 @@ class SlotMetrics:
         self.calls.labels(outcome=outcome.value, **self._labels).inc()
         if cause is not None:
             self.failures.labels(cause=cause, **self._labels).inc()
+
+    def redis_error(self, kind: ErrorKind) -> None:
+        """Count one Redis error of ``kind``."""
+        self.redis_errors.labels(kind=kind, **self._labels).inc()

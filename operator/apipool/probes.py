@@ -8,7 +8,8 @@ need: when the handler call in progress (if any) started.
   replaced: its heartbeat loop stalled, or a call ran past its timeout plus
   ``health_grace`` (a handler that ignores cancellation);
 - readiness (``/readyz``) fails while the slot cannot call the API: Redis is
-  unreachable, the slot is beyond the pool's size, or it holds no valid lease.
+  unreachable, Redis refuses the slot's steps (a permanent error) or may evict
+  keys, the slot is beyond the pool's size, or it holds no valid lease.
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ def liveness(timings: Timings, *, since_tick: float, call_running_for: float | N
     return OK
 
 
-def readiness(*, redis_ok: bool, surplus: bool, lease_valid: bool) -> Verdict:
-    """``/readyz``: the first reason, in this order, that keeps the slot from calling."""
+def readiness(
+    *, redis_ok: bool, surplus: bool, lease_valid: bool, refused: str | None = None
+) -> Verdict:
+    """``/readyz``: the first reason, in this order, that keeps the slot from calling.
+    ``refused``: why the slot takes no work although Redis answers (Redis refused
+    a step, or may evict keys); None when nothing of the kind holds."""
     if not redis_ok:
         return False, "redis unreachable"
+    if refused:
+        return False, refused
     if surplus:
         return False, "slot index is beyond the pool's size"
     if not lease_valid:

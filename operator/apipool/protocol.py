@@ -84,12 +84,13 @@ class Script:
 
 SUBMIT = Script("submit", layout.SUBMIT_SCRIPT)
 TAKE = Script("take", layout.TAKE_SCRIPT)
+DROP = Script("drop", layout.DROP_SCRIPT)
 ACQUIRE = Script("acquire", layout.ACQUIRE_SCRIPT)
 RENEW = Script("renew", layout.RENEW_SCRIPT)
 RELEASE = Script("release", layout.RELEASE_SCRIPT)
 COMPLETE = Script("complete", layout.COMPLETE_SCRIPT)
 REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
-SCRIPTS = (SUBMIT, TAKE, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
+SCRIPTS = (SUBMIT, TAKE, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,13 @@ class PoolProtocol:
         k = self.keys
         keys = (k.queue, k.inflight(slot), k.dead, k.stats)
         return Step(TAKE, keys, self._take_args(slot), _taken)
+
+    def drop_oversize(self, slot: int) -> Step[int]:
+        """Remove every over-limit envelope from slot's in-flight list and
+        dead-letter it by size and SHA-1, inside Redis; the number removed."""
+        k = self.keys
+        keys = (k.inflight(slot), k.dead, k.stats)
+        return Step(DROP, keys, self._take_args(slot), int)
 
     def acquire(self, slot: int, token: str, owner: str, ttl_ms: int) -> Step[LeaseAnswer]:
         """Take slot ``slot``'s lease (free, ours, or a dead predecessor's of ``owner``)."""

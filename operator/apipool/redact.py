@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from . import defaults
 
 REDACTED = "[redacted]"
+_MARK = "redacted0marker"
+"""Stands in for REDACTED while a URL is split (its brackets read as an IPv6 host)."""
 _URL = re.compile(r"""\bhttps?://[^\s"'<>\\]+""", re.IGNORECASE)
 
 
@@ -31,9 +33,10 @@ def header_names(extra: Iterable[str] = ()) -> frozenset[str]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its userinfo password and query values."""
+    """``url`` without its userinfo password and query values; redacting an
+    already redacted URL changes nothing."""
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url.replace(REDACTED, _MARK))
         netloc = parts.netloc
         if "@" in netloc:
             userinfo, _, host = netloc.rpartition("@")
@@ -44,7 +47,7 @@ def redact_url(url: str) -> str:
         )
         if parts.query and not query:
             query = REDACTED
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, "")).replace(_MARK, REDACTED)
     except ValueError:  # a malformed port or host: say nothing of it
         return REDACTED
 

@@ -12,6 +12,10 @@ Life of a slot (see layout.py for the keys and atomic steps):
 3. Loop: take a job with ``BLMOVE queue -> inflight:<i>`` (or along with the
    previous job's outcome) and take it to its one outcome (job_runner.py): no
    call starts unless the lease stays valid for ``call_timeout + fence_margin``.
+   Nothing is taken while Redis may evict keys (``maxmemory`` with a policy
+   other than ``noeviction``, unless ``allow_eviction``) or refuses the slot's
+   steps (a permanent error: tried again every 10 s); /readyz says why
+   (redis_checks.py, retrying.py).
 4. SIGTERM: stop taking, finish the current call (it is bounded by its
    timeout), hand back a job taken but not started, release the lease, exit 0.
    Should the stop itself hang, a watchdog prints every task's stack and exits
@@ -50,6 +54,7 @@ from .lease import Lease
 from .metrics import SlotMetrics
 from .probes import CallTracker, Verdict, liveness, readiness
 from .protocol import PoolProtocol
+from .redis_checks import EvictionGuard
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
@@ -82,7 +87,9 @@ class SlotWorker:
             max_envelope_bytes=settings.limits.max_envelope_bytes,
             max_dead_letters=settings.limits.max_dead_letters,
         )
-        self.handlers = handlers if handlers is not None else load_handlers(settings.handlers)
+        if handlers is None:
+            handlers = load_handlers(settings.handlers, http=settings.http, limits=settings.limits)
+        self.handlers = handlers
         self.metrics = SlotMetrics(settings.pool, settings.slot)
         self.stopping = asyncio.Event()
         self.health_port: int | None = None
@@ -92,6 +99,7 @@ class SlotWorker:
         self.work = _client(settings.redis_url, t.take_block + 5.0)
         self.lease = Lease(self.proto, settings.slot, settings.owner, t.lease_ttl)
         self.calls = CallTracker()
+        self.eviction = EvictionGuard(allow=settings.allow_eviction)
         self.heartbeat = Heartbeat(
             self.lease,
             self.ctl,
@@ -99,6 +107,7 @@ class SlotWorker:
             metrics=self.metrics,
             parent_pid=settings.parent_pid,
             on_orphaned=self.stop,
+            eviction=self.eviction,
         )
         self.inflight = InFlight(
             self.proto, settings, self.work, stopping=self.stopping, metrics=self.metrics
@@ -113,7 +122,7 @@ class SlotWorker:
             stopping=self.stopping,
             wait_lease_change=self.heartbeat.wait_change,
         )
-        self.inflight.may_take_next = self.runner.may_take
+        self.inflight.may_take_next = self.may_take
 
     @property
     def exit_code(self) -> ExitCode:
@@ -130,12 +139,19 @@ class SlotWorker:
         )
 
     def readiness(self) -> Verdict:
-        """/readyz: Redis answers, the slot exists in the pool, the lease is valid."""
+        """/readyz: Redis answers and takes the slot's steps, may not evict keys,
+        the slot exists in the pool, the lease is valid."""
         return readiness(
             redis_ok=self.heartbeat.redis_ok,
             surplus=self.lease.surplus,
             lease_valid=self.lease.valid_for(0),
+            refused=self.heartbeat.refused or self.eviction.problem or self.inflight.refused,
         )
+
+    def may_take(self) -> bool:
+        """Take a job now (by a take or along with an outcome)? Not while Redis may
+        evict keys; else as the runner says (lease, stop, overrun)."""
+        return self.eviction.problem is None and self.runner.may_take()
 
     # -- the work loop -------------------------------------------------------------
 
@@ -144,15 +160,14 @@ class SlotWorker:
         raw = self.inflight.pop_next()
         if raw is not None:
             return raw
-        if not self.runner.may_take():
+        if not self.may_take():
             await self.heartbeat.wait_change(self.timings.heartbeat_interval)
             return None
         await self.inflight.hand_back_strays()
         try:
             return await self.inflight.take()
         except RedisError as exc:
-            log.warning("take failed: %s", exc)
-            await asyncio.sleep(0.2)
+            await self.inflight.take_failed(exc)  # a moment, or slowly when refused
             return None
 
     async def work_loop(self) -> None:

@@ -28,8 +28,16 @@ class PoolStats:
     leases: dict[int, str]
     """Current lease holder per slot."""
     dead_letters: int
+    """Entries in the dead-letter list now (capped at the slots' ``max_dead_letters``)."""
     counters: dict[str, int] = field(default_factory=dict)
+    """Every name of :data:`COUNTERS` (0 when never counted), and any other the
+    stats hash holds: ``dead_trimmed`` counts dead letters dropped off the capped list."""
     max_queue_length: int = 0
+
+    @property
+    def dead_trimmed(self) -> int:
+        """Dead letters dropped off the capped list so far (they are counted in ``dead``)."""
+        return self.counters.get("dead_trimmed", 0)
 
     @property
     def busy(self) -> int:
@@ -44,11 +52,23 @@ class PoolStats:
         doc = asdict(self)
         doc["busy"] = self.busy
         doc["utilization"] = self.utilization
+        doc["dead_trimmed"] = self.dead_trimmed
         return doc
 
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _counters(raw: dict[bytes, bytes]) -> dict[str, int]:
+    """The stats hash as numbers; a field that is not a number (written by hand) is left out."""
+    counters: dict[str, int] = {}
+    for key, value in raw.items():
+        try:
+            counters[_text(key)] = int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return counters
 
 
 def write_pool_config(r: redis.Redis, pool: str, *, slots: int, max_queue_length: int = 0) -> None:
@@ -84,7 +104,7 @@ def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolSt
         if holder is not None:
             leases[i] = _text(holder)
     counters = {name: 0 for name in COUNTERS}
-    counters.update({_text(k): int(float(v)) for k, v in raw_counters.items()})
+    counters.update(_counters(raw_counters))
     return PoolStats(
         pool=pool,
         slots=n,

@@ -3,7 +3,8 @@
 Rules, the same a kubelet and the operator follow for slot pods:
 
 - a slot process that exits is started again (with a short back-off when it
-  keeps crashing);
+  keeps crashing); an exit that was not asked for is logged as a WARNING with
+  its exit code or signal (e.g. a handler that called ``os._exit``);
 - a slot whose ``/healthz`` has failed for ``liveness_window`` seconds (or that
   never became healthy within ``startup_timeout``) is SIGKILLed and **reaped
   before** its replacement starts, so two processes never share a slot;
@@ -168,7 +169,8 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self._on_event = on_event
         self._http: aiohttp.ClientSession | None = None
-        load_handlers(settings.handlers)  # fail here, clearly, not in N crash loops
+        # fail here, clearly, not in N crash loops
+        load_handlers(settings.handlers, http=settings.http, limits=settings.limits)
 
     # -- observation --------------------------------------------------------------
 
@@ -179,10 +181,13 @@ class Supervisor:
     def restarts(self) -> int:
         return sum(max(0, s.starts - 1) for s in self.slots)
 
-    def _event(self, slot: int, kind: str, detail: str = "") -> None:
+    def _event(self, slot: int, kind: str, detail: str = "", *, level: int = logging.INFO) -> None:
         event = SlotEvent(time.monotonic(), slot, kind, detail)
         self.events.append(event)
-        log.info("slot %d %s %s", slot, kind, detail)
+        if kind == "exited":
+            log.log(level, "slot %d exited with %s", slot, detail)
+        else:
+            log.log(level, "slot %d %s %s", slot, kind, detail)
         if self._on_event is not None:
             self._on_event(event)
 
@@ -271,7 +276,7 @@ class Supervisor:
             while True:
                 done, _ = await asyncio.wait({exited}, timeout=self.settings.probe_interval)
                 if done:
-                    self._event(slot.index, "exited", exit_detail(proc.returncode))
+                    self._exited(slot.index, proc.returncode)
                     return
                 probe_started = time.monotonic()
                 if await self._probe(slot):
@@ -295,6 +300,12 @@ class Supervisor:
             slot.last_exit = time.monotonic()
             if not exited.done():
                 exited.cancel()
+
+    def _exited(self, index: int, returncode: int | None) -> None:
+        """Record an exit: a WARNING unless it was a clean exit or asked for by a stop."""
+        asked = returncode == 0 or self.stopping.is_set()
+        level = logging.INFO if asked else logging.WARNING
+        self._event(index, "exited", exit_detail(returncode), level=level)
 
     async def _keep(self, slot: SlotProcess) -> None:
         backoff = 0.0

@@ -126,8 +126,8 @@ class HelmPython:
         return errors + list(report.get("errors") or [])
 
 
-@pytest.fixture(scope="session")
-def helm() -> HelmBinary | HelmPython:
+def helm_backend() -> HelmBinary | HelmPython:
+    """`helm` on PATH, else helm_python; the test fails without either."""
     binary = shutil.which("helm")
     if binary:
         return HelmBinary(binary)
@@ -136,6 +136,11 @@ def helm() -> HelmBinary | HelmPython:
     except ImportError:
         pytest.fail(MISSING_BACKEND, pytrace=False)
     return HelmPython(helm_python)
+
+
+@pytest.fixture(scope="session")
+def helm() -> HelmBinary | HelmPython:
+    return helm_backend()
 
 
 def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -167,6 +172,9 @@ WORKER = {"enabled": True, "targetUrl": "https://api.example/v1/x"}
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
     "internal-redis": {"redis": {"internal": {"enabled": True}}},
+    "internal-redis-sized": {
+        "redis": {"internal": {"enabled": True, "maxmemory": "1gb", "protoMaxBulkLen": "16mb"}}
+    },
     "existing-secret-pool": {
         "redis": {"existingSecret": "my-redis", "existingSecretKey": "redis-url"},
         "pool": {"enabled": True, "name": "billing", "slots": 8},
@@ -178,6 +186,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "handler": "billing=mymod:call",
             "extraHandlers": ["http"],
             "template": {"resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}},
+            "maxEnvelopeBytes": 65536,
+            "maxResultBytes": 32768,
+            "maxResponseBytes": 4194304,
+            "maxDeadLetters": 0,
+            "http": {
+                "allowUrls": ["http://billing.team-a.svc:8080/", "https://api.example.com/v2/"],
+                "followRedirects": True,
+                "redactHeaders": ["X-Billing-Token"],
+            },
+            "allowRedisEviction": True,
         },
     },
     "worker-hpa": {
@@ -575,6 +593,18 @@ def test_schema_accepts_the_scenarios(helm: HelmBinary | HelmPython) -> None:
         {"worker": {"keda": {"listLength": 0}}},
         {"redis": {"internal": {"enabled": True, "persistence": {"size": "lots"}}}},
         {"unknownTopLevelKey": 1},
+        {"redis": {"internal": {"maxmemory": "lots"}}},
+        {"redis": {"internal": {"maxmemory": 268435456}}},
+        {"redis": {"internal": {"protoMaxBulkLen": "8 mb"}}},
+        {"pool": {"maxEnvelopeBytes": 100}},
+        {"pool": {"maxResponseBytes": 1 << 30}},
+        {"pool": {"maxDeadLetters": -1}},
+        {"pool": {"http": {"allowUrls": ["ftp://files.example.com/"]}}},
+        {"pool": {"http": {"allowUrls": ["billing.team-a.svc"]}}},
+        {"pool": {"http": {"redactHeaders": ["X Token"]}}},
+        {"pool": {"http": {"followRedirects": "yes"}}},
+        {"pool": {"http": {"allowedUrls": []}}},
+        {"pool": {"allowRedisEviction": "no"}},
     ],
 )
 def test_schema_rejects_bad_values(helm: HelmBinary | HelmPython, values: dict[str, Any]) -> None:

@@ -12,6 +12,8 @@ import yaml
 
 from apipool import defaults
 from apipool.operator.config import OperatorSettings
+from apipool.operator.spec import parse_spec
+from apipool.settings import HttpPolicy
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +28,14 @@ POOL_DEFAULTS: dict[str, Any] = {
     "resultTtlSeconds": defaults.RESULT_TTL,
     "maxQueueLength": defaults.MAX_QUEUE_LENGTH,
     "maxUnavailable": defaults.MAX_UNAVAILABLE,
+    "maxEnvelopeBytes": defaults.MAX_ENVELOPE_BYTES,
+    "maxResultBytes": defaults.MAX_RESULT_BYTES,
+    "maxResponseBytes": defaults.MAX_RESPONSE_BYTES,
+    "maxDeadLetters": defaults.MAX_DEAD_LETTERS,
+    "allowRedisEviction": False,
 }
 """Every pool setting of the spec that has a default, by its spec name."""
-NOT_SPEC_DEFAULTS = {"enabled", "name", "slots", "image", "extraHandlers", "template"}
+NOT_SPEC_DEFAULTS = {"enabled", "name", "slots", "image", "extraHandlers", "template", "http"}
 """Keys of values.pool that are not a defaulted spec field."""
 
 
@@ -50,6 +57,14 @@ def test_the_example_pool_defaults_are_apipools(values: dict[str, Any]) -> None:
     template = (CHART / "templates" / "pool.yaml").read_text()
     for key in sorted(chart_set):
         assert re.search(rf"^  {key}: .*\$p\.{key}\b", template, re.MULTILINE), key
+
+
+def test_the_example_pools_http_policy_is_the_default_one(values: dict[str, Any]) -> None:
+    """values.pool.http spells out every field of spec.http, each at its default."""
+    http = values["pool"]["http"]
+    base = {"slots": 1, "image": "apipool:dev", "redis": {"secretRef": {"name": "redis"}}}
+    assert set(http) == {"allowUrls", "followRedirects", "redactHeaders"}
+    assert parse_spec("example", {**base, "http": http}).http == HttpPolicy()
 
 
 def test_the_operator_defaults_are_the_operators(values: dict[str, Any]) -> None:

@@ -20,7 +20,10 @@ from apipool.operator.spec import (
     GROUP,
     HANDLER,
     KIND,
+    MAX_LIMIT_BYTES,
+    MAX_LIST_ITEMS,
     MAX_SLOTS,
+    MIN_LIMIT_BYTES,
     PLURAL,
     TEMPLATE_KEYS,
     VERSION,
@@ -29,6 +32,7 @@ from apipool.operator.spec import (
     PoolSpec,
     parse_spec,
 )
+from apipool.settings import HttpPolicy
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +62,15 @@ SPEC_FIELDS = frozenset(
         "liveness",
         "maxUnavailable",
         "template",
+        "maxEnvelopeBytes",
+        "maxResultBytes",
+        "maxResponseBytes",
+        "maxDeadLetters",
+        "http",
+        "allowRedisEviction",
     }
 )
+SIZE_LIMITS = ("maxEnvelopeBytes", "maxResultBytes", "maxResponseBytes")
 # PoolSpec attributes that do not map one to one onto a camelCase spec field.
 POOLSPEC_TO_FIELD = {"redis_secret": "redis", "redis_secret_key": "redis"}
 
@@ -81,6 +92,16 @@ FULL: dict[str, Any] = {
     "maxQueueLength": 1000,
     "liveness": {"periodSeconds": 2, "failureThreshold": 2, "timeoutSeconds": 1},
     "maxUnavailable": 2,
+    "maxEnvelopeBytes": 65536,
+    "maxResultBytes": 32768,
+    "maxResponseBytes": 1 << 20,
+    "maxDeadLetters": 500,
+    "http": {
+        "allowUrls": ["https://api.example.com/v2/", "http://billing.team-a.svc:8080/"],
+        "followRedirects": True,
+        "redactHeaders": ["X-Billing-Token"],
+    },
+    "allowRedisEviction": True,
     "template": {
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": 1}},
         "env": [
@@ -288,6 +309,9 @@ def test_spec_fields_match_parse_spec(spec_schema: dict[str, Any]) -> None:
     }
     assert set(props["redis"]["properties"]["secretRef"]["properties"]) == {"name", "key"}
     assert set(props["template"]["properties"]) == TEMPLATE_KEYS
+    assert set(props["http"]["properties"]) == {
+        camel(f.name) for f in dataclasses.fields(HttpPolicy)
+    }
 
 
 def test_bounds(spec_schema: dict[str, Any]) -> None:
@@ -309,6 +333,18 @@ def test_bounds(spec_schema: dict[str, Any]) -> None:
     for name, sub in props["liveness"]["properties"].items():
         assert (sub["type"], sub["minimum"]) == ("integer", 1), name
     assert props["image"]["minLength"] == 1
+    for name in SIZE_LIMITS:
+        assert props[name]["type"] == "integer", name
+        assert (props[name]["minimum"], props[name]["maximum"]) == (
+            MIN_LIMIT_BYTES,
+            MAX_LIMIT_BYTES,
+        ), name
+    assert (props["maxDeadLetters"]["type"], props["maxDeadLetters"]["minimum"]) == ("integer", 0)
+    assert props["allowRedisEviction"]["type"] == "boolean"
+    http = props["http"]["properties"]
+    for name in ("allowUrls", "redactHeaders"):
+        assert (http[name]["type"], http[name]["maxItems"]) == ("array", MAX_LIST_ITEMS), name
+    assert http["followRedirects"]["type"] == "boolean"
 
 
 CRD_DEFAULTS: dict[str, Any] = {
@@ -320,6 +356,12 @@ CRD_DEFAULTS: dict[str, Any] = {
     "maxQueueLength": defaults.MAX_QUEUE_LENGTH,
     "maxUnavailable": defaults.MAX_UNAVAILABLE,
     "liveness": {},
+    "maxEnvelopeBytes": defaults.MAX_ENVELOPE_BYTES,
+    "maxResultBytes": defaults.MAX_RESULT_BYTES,
+    "maxResponseBytes": defaults.MAX_RESPONSE_BYTES,
+    "maxDeadLetters": defaults.MAX_DEAD_LETTERS,
+    "http": {},
+    "allowRedisEviction": False,
 }
 """The spec's schema defaults, as apipool.defaults defines them."""
 LIVENESS_DEFAULTS = {
@@ -327,6 +369,7 @@ LIVENESS_DEFAULTS = {
     "failureThreshold": defaults.LIVENESS_FAILURE_THRESHOLD,
     "timeoutSeconds": defaults.LIVENESS_TIMEOUT,
 }
+HTTP_DEFAULTS = {"followRedirects": HttpPolicy().follow_redirects}
 
 
 def test_schema_defaults_are_apipool_defaults(spec_schema: dict[str, Any]) -> None:
@@ -335,12 +378,22 @@ def test_schema_defaults_are_apipool_defaults(spec_schema: dict[str, Any]) -> No
     assert {k: v["default"] for k, v in props.items() if "default" in v} == CRD_DEFAULTS
     liveness = props["liveness"]["properties"]
     assert {k: v["default"] for k, v in liveness.items()} == LIVENESS_DEFAULTS
+    http = props["http"]["properties"]
+    assert {k: v["default"] for k, v in http.items() if "default" in v} == HTTP_DEFAULTS
     secret_ref = props["redis"]["properties"]["secretRef"]["properties"]
     assert secret_ref["key"]["default"] == DEFAULT_SECRET_KEY
     # Of the field's type too: an integer for an integer field, a number for a number.
-    types = {"string": str, "integer": int, "number": (int, float), "object": dict}
+    types = {
+        "string": str,
+        "integer": int,
+        "number": (int, float),
+        "object": dict,
+        "boolean": bool,
+    }
     for name, value in CRD_DEFAULTS.items():
         assert isinstance(value, types[props[name]["type"]]), name
+        # bool is an int in Python, not in JSON.
+        assert isinstance(value, bool) == (props[name]["type"] == "boolean"), name
 
 
 def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
@@ -348,6 +401,7 @@ def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
     defaulted = apply_defaults(spec_schema, MINIMAL)
     assert defaulted["liveness"] == LIVENESS_DEFAULTS
     assert defaulted["redis"]["secretRef"] == {"name": "redis", "key": DEFAULT_SECRET_KEY}
+    assert defaulted["http"] == HTTP_DEFAULTS
     assert parse_spec("billing", defaulted) == parse_spec("billing", MINIMAL)
     parsed = parse_spec("billing", MINIMAL)
     assert parsed == PoolSpec(
@@ -364,6 +418,12 @@ def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
             defaults.LIVENESS_PERIOD, defaults.LIVENESS_FAILURE_THRESHOLD, defaults.LIVENESS_TIMEOUT
         ),
         max_unavailable=defaults.MAX_UNAVAILABLE,
+        max_envelope_bytes=defaults.MAX_ENVELOPE_BYTES,
+        max_result_bytes=defaults.MAX_RESULT_BYTES,
+        max_response_bytes=defaults.MAX_RESPONSE_BYTES,
+        max_dead_letters=defaults.MAX_DEAD_LETTERS,
+        http=HttpPolicy(),
+        allow_redis_eviction=False,
     )
 
 
@@ -441,6 +501,14 @@ ACCEPTED = [
     pytest.param(cr(changed(MINIMAL, "callTimeoutSeconds", 3600)), id="timeout-max"),
     pytest.param(cr(changed(MINIMAL, "maxQueueLength", 0)), id="unbounded-queue"),
     pytest.param(cr(MINIMAL, name="a" * 50), id="name-50"),
+    pytest.param(cr(changed(MINIMAL, "maxEnvelopeBytes", MIN_LIMIT_BYTES)), id="envelope-min"),
+    pytest.param(cr(changed(MINIMAL, "maxResponseBytes", MAX_LIMIT_BYTES)), id="response-max"),
+    pytest.param(cr(changed(MINIMAL, "maxDeadLetters", 0)), id="dead-letters-uncapped"),
+    pytest.param(cr(changed(MINIMAL, "http", {})), id="http-empty"),
+    pytest.param(
+        cr(changed(MINIMAL, "http.allowUrls", ["http://x.svc/"] * MAX_LIST_ITEMS)),
+        id="allow-urls-max",
+    ),
 ]
 
 # Refused by the API server and by parse_spec alike.
@@ -472,6 +540,22 @@ REFUSED = [
     pytest.param("redis", {"secretRef": {"name": "Not_A_Name"}}, id="secret-name-invalid"),
     pytest.param("redis", {"secretRef": {"name": "r", "key": "a/b"}}, id="secret-key-invalid"),
     pytest.param("template", {"env": [{"value": "x"}]}, id="env-without-name"),
+    pytest.param("maxEnvelopeBytes", MIN_LIMIT_BYTES - 1, id="envelope-too-small"),
+    pytest.param("maxEnvelopeBytes", "1Mi", id="envelope-string"),
+    pytest.param("maxResultBytes", 0, id="result-zero"),
+    pytest.param("maxResultBytes", MAX_LIMIT_BYTES + 1, id="result-too-large"),
+    pytest.param("maxResponseBytes", 1500000.5, id="response-fraction"),
+    pytest.param("maxDeadLetters", -1, id="dead-letters-negative"),
+    pytest.param("http", "https://api.example.com/", id="http-not-an-object"),
+    pytest.param("http.allowUrls", "https://api.example.com/", id="allow-urls-not-a-list"),
+    pytest.param("http.allowUrls", ["ftp://files.example.com/"], id="allow-url-ftp"),
+    pytest.param("http.allowUrls", ["api.example.com"], id="allow-url-no-scheme"),
+    pytest.param("http.allowUrls", ["https://"], id="allow-url-no-host"),
+    pytest.param("http.allowUrls", ["http://x/"] * (MAX_LIST_ITEMS + 1), id="allow-urls-many"),
+    pytest.param("http.followRedirects", "yes", id="follow-redirects-string"),
+    pytest.param("http.redactHeaders", ["X Token"], id="redact-header-space"),
+    pytest.param("allowRedisEviction", "true", id="eviction-string"),
+    pytest.param("allowRedisEviction", 1, id="eviction-number"),
 ]
 
 # Refused by the API server only: parse_spec does not check the values inside

@@ -21,7 +21,7 @@ from apipool.operator.manifests import (
     template_hash,
 )
 from apipool.operator.spec import InvalidSpec, PoolSpec, parse_spec
-from apipool.settings import SlotSettings, Timings
+from apipool.settings import HttpPolicy, Limits, SlotSettings, Timings
 
 pytestmark = pytest.mark.unit
 
@@ -62,6 +62,16 @@ def test_the_slot_command_line_is_slot_settings_to_argv() -> None:
         maxAttempts=5,
         resultTtlSeconds=600,
         extraHandlers=["refund=billing.calls:refund"],
+        maxEnvelopeBytes=4096,
+        maxResultBytes=2048,
+        maxResponseBytes=65536,
+        maxDeadLetters=0,
+        http={
+            "allowUrls": ["https://api.example.com/", "http://billing.team-a.svc:8080/"],
+            "followRedirects": True,
+            "redactHeaders": ["X-Billing-Token", "X-Other"],
+        },
+        allowRedisEviction=True,
     )
     expected = SlotSettings(
         pool="billing",
@@ -70,6 +80,18 @@ def test_the_slot_command_line_is_slot_settings_to_argv() -> None:
         timings=Timings(call_timeout=2.5, heartbeat_interval=0.5),
         max_attempts=5,
         result_ttl=600,
+        limits=Limits(
+            max_envelope_bytes=4096,
+            max_result_bytes=2048,
+            max_response_bytes=65536,
+            max_dead_letters=0,
+        ),
+        http=HttpPolicy(
+            allow_urls=("https://api.example.com/", "http://billing.team-a.svc:8080/"),
+            follow_redirects=True,
+            redact_headers=("X-Billing-Token", "X-Other"),
+        ),
+        allow_eviction=True,
         owner=OWNER,
         health_host="0.0.0.0",
         health_port=defaults.HEALTH_PORT,
@@ -84,6 +106,17 @@ def test_the_slot_command_line_is_slot_settings_to_argv() -> None:
         build_parser().parse_args([*container["args"], "--redis-url", "redis://r:6379/0"])
     )
     assert parsed == dataclasses.replace(expected, redis_url="redis://r:6379/0", owner=parsed.owner)
+
+
+def test_a_spec_without_limits_runs_the_slot_with_apipools_defaults() -> None:
+    (container,) = slot_pod(spec(), "billing", "ns", 0)["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--max-envelope-bytes") + 1] == str(defaults.MAX_ENVELOPE_BYTES)
+    assert args[args.index("--max-result-bytes") + 1] == str(defaults.MAX_RESULT_BYTES)
+    assert args[args.index("--max-response-bytes") + 1] == str(defaults.MAX_RESPONSE_BYTES)
+    assert args[args.index("--max-dead-letters") + 1] == str(defaults.MAX_DEAD_LETTERS)
+    for flag in ("--allow-url", "--redact-header", "--follow-redirects", "--allow-eviction"):
+        assert flag not in args
 
 
 def test_pod_is_hardened() -> None:
@@ -110,6 +143,21 @@ def test_template_hash_changes_with_the_template_not_with_the_index() -> None:
     assert template_hash(spec(image="other:1"), "billing") != a
     assert template_hash(spec(callTimeoutSeconds=5), "billing") != a
     assert template_hash(spec(slots=7), "billing") == a  # scaling replaces nothing
+    # Every setting a slot reads from its command line replaces the pods when it changes.
+    for changes in (
+        {"maxEnvelopeBytes": 4096},
+        {"maxResultBytes": 4096},
+        {"maxResponseBytes": 4096},
+        {"maxDeadLetters": 5},
+        {"http": {"allowUrls": ["http://billing.svc/"]}},
+        {"http": {"followRedirects": True}},
+        {"http": {"redactHeaders": ["X-Token"]}},
+        {"allowRedisEviction": True},
+    ):
+        assert template_hash(spec(**changes), "billing") != a, changes
+    # Spelling out a default is no change.
+    same = spec(maxDeadLetters=defaults.MAX_DEAD_LETTERS, http={}, allowRedisEviction=False)
+    assert template_hash(same, "billing") == a
 
 
 def test_template_overrides_reach_the_pod() -> None:
@@ -153,6 +201,10 @@ def test_slot_index_reads_only_this_pools_names() -> None:
         ({"maxUnavailable": 0}, "maxUnavailable must be >= 1"),
         ({"template": {"hostNetwork": True}}, "does not support: hostNetwork"),
         ({"colour": "red"}, "unknown field(s) in spec: colour"),
+        ({"maxEnvelopeBytes": 255}, "maxEnvelopeBytes must be >= 256"),
+        ({"http": {"allowUrls": ["https://api.example.com/\n"]}}, "must be a URL prefix"),
+        ({"http": {"allowUrls": [None]}}, "allowUrls.0. None must be a URL prefix"),
+        ({"allowRedisEviction": "false"}, "allowRedisEviction must be true or false"),
     ],
 )
 def test_invalid_specs_say_why(changes: dict[str, Any], message: str) -> None:

@@ -1,5 +1,6 @@
 """The operator and a pool's Redis: stats in the status, N published, jobs of
-removed slots returned (or dead-lettered) once their pods are gone."""
+removed slots returned (or dead-lettered) once their pods are gone, and a
+Redis that may evict keys reported."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import redis
 from apipool import Client
 from apipool.envelope import make_envelope, parse_envelope
 from apipool.layout import PoolKeys
+from apipool.testing.redis_server import RedisServer
 
 from .conftest import TIMER_INTERVAL, Cluster, OperatorThread, wait_for
 
@@ -25,6 +27,11 @@ def settled(cluster: Cluster, pool: str, slots: int) -> bool:
         and cluster.condition(pool, "Ready").get("status") == "True"
         and cluster.status(pool).get("desiredSlots") == slots
     )
+
+
+def condition_is(cluster: Cluster, pool: str, kind: str, status: str, reason: str) -> bool:
+    cond = cluster.condition(pool, kind)
+    return (cond.get("status"), cond.get("reason")) == (status, reason)
 
 
 def texts(values: list[Any]) -> list[str]:
@@ -128,3 +135,65 @@ def test_jobs_of_removed_slots_return_once_their_pods_are_gone(
 
     wait_for(counted, 2 * TIMER_INTERVAL + 3, what="the status to count them")
     assert cluster.slots_are(pool, range(1))
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_that_may_evict_keys_degrades_the_pool(
+    cluster: Cluster, operator: OperatorThread
+) -> None:
+    """maxmemory with an evicting policy: Degraded (RedisMayEvict) and one Event,
+    the slots left as they are; cleared by noeviction or by allowRedisEviction."""
+    with RedisServer() as server, redis.Redis.from_url(server.url, socket_timeout=5) as own:
+        own.config_set("maxmemory", "100mb")
+        own.config_set("maxmemory-policy", "allkeys-lru")
+        cluster.put_secret("evicting", {"url": server.url})
+        pool = cluster.new_name()
+        keys = PoolKeys(pool)
+        cluster.create_pool(pool, slots=2, redis={"secretRef": {"name": "evicting", "key": "url"}})
+        wait_for(
+            lambda: condition_is(cluster, pool, "Degraded", "True", "RedisMayEvict"),
+            5,
+            what="Degraded: RedisMayEvict",
+        )
+        message = cluster.condition(pool, "Degraded")["message"]
+        assert f"Redis of pool {pool} may evict keys" in message
+        assert "maxmemory is 104857600 bytes with maxmemory-policy allkeys-lru" in message
+        assert "noeviction" in message
+        assert "spec.allowRedisEviction" in message
+        assert condition_is(cluster, pool, "Ready", "False", "RedisMayEvict")
+        wait_for(lambda: cluster.events(pool, reason="RedisMayEvict"), 3, what="an Event")
+        (event,) = cluster.events(pool, reason="RedisMayEvict")
+        assert (event["type"], event["message"]) == ("Warning", message)
+        # The slots are left as they are, and the Redis bookkeeping goes on.
+        assert cluster.slots_are(pool, range(2))
+        assert own.hget(keys.config, "slots") == b"2"
+        assert cluster.status(pool).get("queueDepth") == 0
+        cluster.wait_reconciles(pool, count=2, timeout=3 * TIMER_INTERVAL + 3)
+        assert len(cluster.events(pool, reason="RedisMayEvict")) == 1  # not one per reconcile
+        assert cluster.slots_are(pool, range(2))
+
+        # noeviction (with maxmemory still set): the condition clears.
+        own.config_set("maxmemory-policy", "noeviction")
+        wait_for(lambda: settled(cluster, pool, 2), 3 * TIMER_INTERVAL + 5, what="Ready again")
+        assert condition_is(cluster, pool, "Degraded", "False", "AsExpected")
+
+        # An evicting policy again, then the pool accepts the risk: no condition.
+        own.config_set("maxmemory-policy", "volatile-ttl")
+        wait_for(
+            lambda: "volatile-ttl" in cluster.condition(pool, "Degraded").get("message", ""),
+            3 * TIMER_INTERVAL + 5,
+            what="Degraded again",
+        )
+        assert len(cluster.events(pool, reason="RedisMayEvict")) == 2  # a new problem
+        cluster.patch_spec(pool, allowRedisEviction=True)
+
+        def told() -> bool:
+            """Degraded no more, and every slot replaced by one running with the flag."""
+            pods = cluster.pods(pool).values()
+            return (
+                settled(cluster, pool, 2)
+                and condition_is(cluster, pool, "Degraded", "False", "AsExpected")
+                and all("--allow-eviction" in p["spec"]["containers"][0]["args"] for p in pods)
+            )
+
+        wait_for(told, 3 * TIMER_INTERVAL + 5, what="the risk accepted")

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from .. import defaults
-from ..settings import ENV_OWNER, ENV_REDIS_URL, SlotSettings, Timings
+from ..settings import ENV_OWNER, ENV_REDIS_URL, Limits, SlotSettings, Timings
 from .spec import PoolSpec
 
 HEALTH_PORT = defaults.HEALTH_PORT
@@ -52,6 +52,15 @@ def timings(spec: PoolSpec) -> Timings:
     )
 
 
+def limits(spec: PoolSpec) -> Limits:
+    return Limits(
+        max_envelope_bytes=spec.max_envelope_bytes,
+        max_result_bytes=spec.max_result_bytes,
+        max_response_bytes=spec.max_response_bytes,
+        max_dead_letters=spec.max_dead_letters,
+    )
+
+
 def grace_period(spec: PoolSpec) -> int:
     """terminationGracePeriodSeconds: longer than a graceful stop takes (the
     current call, bounded by its timeout, then releasing the lease)."""
@@ -68,6 +77,9 @@ def slot_settings(spec: PoolSpec, pool: str, index: int) -> SlotSettings:
         timings=timings(spec),
         max_attempts=spec.max_attempts,
         result_ttl=spec.result_ttl_seconds,
+        limits=limits(spec),
+        http=spec.http,
+        allow_eviction=spec.allow_redis_eviction,
         owner=OWNER,
         health_host="0.0.0.0",
         health_port=HEALTH_PORT,

@@ -8,7 +8,7 @@
    wants, and which of them may run now;
 3. :meth:`~Reconciler.apply`: those actions, then the pool's Redis: N and the
    queue bound published, the in-flight lists of removed slots reaped, the
-   stats read;
+   stats and ``INFO memory`` read;
 4. :meth:`~Reconciler.report`: an Event for a new problem, and the status.
 
 Reconciles of one pool never overlap in this process.
@@ -16,7 +16,10 @@ Reconciles of one pool never overlap in this process.
 Error contract: an invalid spec sets the ``Degraded`` condition and posts an
 Event, and is not retried (nothing to retry until the spec changes); a missing
 Secret or an unreachable Redis set the condition and post an Event too, and are
-retried with back-off when the caller asks (``retry_problems``); errors of the
+retried with back-off when the caller asks (``retry_problems``); so is a Redis
+that may evict keys (``maxmemory`` with a policy other than ``noeviction``) while
+the spec does not set ``allowRedisEviction``, reason ``RedisMayEvict``: the
+slots are left as they are (they refuse to serve on their own). Errors of the
 Kubernetes API are raised as ``kopf.TemporaryError``.
 """
 
@@ -30,6 +33,7 @@ from typing import Any, cast
 
 import kopf
 from prometheus_client import Counter, Histogram
+from redis import Redis
 from redis.exceptions import RedisError
 
 from ..errors import ApipoolError
@@ -56,6 +60,15 @@ RECONCILE_SECONDS = Histogram("apipool_operator_reconcile_seconds", "Time one re
 def utc_now() -> str:
     """The current time as conditions carry it (RFC 3339, whole seconds, UTC)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def may_evict_message(pool: str, risk: str) -> str:
+    """The Degraded message of a pool whose Redis may evict keys."""
+    return (
+        f"Redis of pool {pool} may evict keys ({risk}): queued jobs, leases and results "
+        "could vanish, so the slots refuse to serve. Set maxmemory-policy noeviction "
+        "(or maxmemory 0) on that Redis, or set spec.allowRedisEviction: true to accept the risk"
+    )
 
 
 def _body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -258,33 +271,43 @@ class Reconciler:
             kopf.info(_body(body), reason="SlotDeleted", message=message)
 
     def _sync_redis(self, seen: Observation, spec: PoolSpec, url: str, state: PoolState) -> Applied:
-        """Publish N and the queue bound, reap removed slots, read the stats."""
+        """Publish N and the queue bound, reap removed slots, read the stats, and
+        tell whether Redis may evict the pool's keys."""
         name = seen.name
-        stats: PoolStats | None = None
         try:
             r = redis_ops.connect(url, self.settings.redis_timeout)
             try:
                 write_pool_config(r, name, slots=spec.slots, max_queue_length=spec.max_queue_length)
-                # Slots >= N will not come back: return their jobs. A slot < N
-                # without a pod is recreated, and its new process recovers what
-                # its predecessor left (never racing a live holder).
-                live = {p.index for p in seen.pods}
-                for slot in redis_ops.orphaned_slots(r, name, live):
-                    if slot >= spec.slots:
-                        redis_ops.reap(
-                            r,
-                            name,
-                            slot,
-                            max_attempts=spec.max_attempts,
-                            result_ttl_seconds=spec.result_ttl_seconds,
-                        )
+                self._reap_removed(r, seen, spec)
                 stats = read_stats(r, name, slots=spec.slots)
+                risk = redis_ops.read_eviction_risk(r)
             finally:
                 r.close()
         except (RedisError, ApipoolError) as exc:
-            return Applied(stats, None, Problem("RedisUnreachable", f"Redis of pool {name}: {exc}"))
+            return Applied(None, None, Problem("RedisUnreachable", f"Redis of pool {name}: {exc}"))
         window = self.settings.utilization_window
-        return Applied(stats, state.utilization(stats, self._clock(), window))
+        utilization = state.utilization(stats, self._clock(), window)
+        if risk is None or spec.allow_redis_eviction:
+            return Applied(stats, utilization)
+        return Applied(stats, utilization, Problem("RedisMayEvict", may_evict_message(name, risk)))
+
+    @staticmethod
+    def _reap_removed(r: Redis, seen: Observation, spec: PoolSpec) -> None:
+        """Slots >= N will not come back: return their jobs. A slot < N without a
+        pod is recreated, and its new process recovers what its predecessor left
+        (never racing a live holder)."""
+        proto = redis_ops.pool_protocol(seen.name, spec)
+        live = {p.index for p in seen.pods}
+        for slot in redis_ops.orphaned_slots(r, proto, live):
+            if slot >= spec.slots:
+                redis_ops.reap(
+                    r,
+                    proto,
+                    slot,
+                    max_attempts=spec.max_attempts,
+                    result_ttl_seconds=spec.result_ttl_seconds,
+                    redact_headers=spec.http.redact_headers,
+                )
 
     @staticmethod
     def _conditions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:

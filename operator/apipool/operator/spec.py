@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import defaults
-from ..settings import POOL_NAME
+from ..settings import POOL_NAME, HttpPolicy
 
 GROUP = "apipool.dev"
 VERSION = "v1alpha1"
@@ -28,6 +28,15 @@ HANDLER = re.compile(
 K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 MAX_CALL_TIMEOUT = 3600
+MIN_LIMIT_BYTES = 256
+"""The smallest size limit a slot accepts (apipool.settings.Limits)."""
+MAX_LIMIT_BYTES = 512 << 20
+"""The largest size limit of a pool: Redis's largest string (512 MiB)."""
+ALLOW_URL = re.compile(r"^https?://\S+$", re.ASCII)
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+MAX_LIST_ITEMS = 100
+"""At most this many entries in spec.http.allowUrls and spec.http.redactHeaders."""
+HTTP_FIELDS = frozenset({"allowUrls", "followRedirects", "redactHeaders"})
 DEFAULT_SECRET_KEY = "url"
 """The key of the Redis URL in the pool's Secret when spec.redis.secretRef.key is left out."""
 RESERVED_ENV_PREFIX = "APIPOOL_"
@@ -46,6 +55,12 @@ SPEC_FIELDS = frozenset(
         "liveness",
         "maxUnavailable",
         "template",
+        "maxEnvelopeBytes",
+        "maxResultBytes",
+        "maxResponseBytes",
+        "maxDeadLetters",
+        "http",
+        "allowRedisEviction",
     }
 )
 TEMPLATE_KEYS = frozenset(
@@ -101,6 +116,13 @@ class PoolSpec:
     liveness: Liveness = field(default_factory=Liveness)
     max_unavailable: int = defaults.MAX_UNAVAILABLE
     template: Mapping[str, Any] = field(default_factory=dict)
+    max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
+    max_result_bytes: int = defaults.MAX_RESULT_BYTES
+    max_response_bytes: int = defaults.MAX_RESPONSE_BYTES
+    max_dead_letters: int = defaults.MAX_DEAD_LETTERS
+    http: HttpPolicy = field(default_factory=HttpPolicy)
+    allow_redis_eviction: bool = False
+    """Run the slots although the pool's Redis may evict keys."""
 
     @property
     def handlers(self) -> tuple[str, ...]:
@@ -136,6 +158,16 @@ def _at_least(doc: Mapping[str, Any], name: str, low: int, default: int) -> int:
     value: int = _get(doc, name, int, default)
     if value < low:
         raise InvalidSpec(f"spec.{name} must be >= {low}, not {value}")
+    return value
+
+
+def _flag(doc: Mapping[str, Any], where: str, default: bool) -> bool:
+    name = where.rpartition(".")[2]
+    value = doc.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidSpec(f"spec.{where} must be true or false, not {value!r}")
     return value
 
 
@@ -261,6 +293,48 @@ def _call_timeout(spec: Mapping[str, Any]) -> float:
     return call_timeout
 
 
+def _size_limit(spec: Mapping[str, Any], name: str, default: int) -> int:
+    value = _at_least(spec, name, MIN_LIMIT_BYTES, default)
+    if value > MAX_LIMIT_BYTES:
+        raise InvalidSpec(f"spec.{name} must be <= {MAX_LIMIT_BYTES} (512 MiB), not {value}")
+    return value
+
+
+def _strings(doc: Mapping[str, Any], where: str, pattern: re.Pattern[str], rule: str) -> list[str]:
+    """A list of strings at spec.<where>, each matching ``pattern`` (``rule`` says how)."""
+    items = doc.get(where.rpartition(".")[2])
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise InvalidSpec(f"spec.{where} must be a list of strings, not {items!r}")
+    if len(items) > MAX_LIST_ITEMS:
+        raise InvalidSpec(f"spec.{where} may have at most {MAX_LIST_ITEMS} entries")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not pattern.fullmatch(item):
+            raise InvalidSpec(f"spec.{where}[{i}] {item!r} {rule}")
+    return items
+
+
+def _http(spec: Mapping[str, Any]) -> HttpPolicy:
+    """spec.http: what the built-in http handler may call, and what it redacts."""
+    doc = _get(spec, "http", dict, {})
+    unknown = sorted(set(doc) - HTTP_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"unknown field(s) in spec.http: {', '.join(unknown)}")
+    allow_urls = _strings(
+        doc,
+        "http.allowUrls",
+        ALLOW_URL,
+        "must be a URL prefix starting with http:// or https:// (no white space)",
+    )
+    redact = _strings(doc, "http.redactHeaders", HEADER_NAME, "is not an HTTP header name")
+    return HttpPolicy(
+        allow_urls=tuple(allow_urls),
+        follow_redirects=_flag(doc, "http.followRedirects", False),
+        redact_headers=tuple(redact),
+    )
+
+
 def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
     """Read ``spec`` of pool ``name``; raise InvalidSpec with a clear message.
 
@@ -296,4 +370,10 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         liveness=liveness,
         max_unavailable=max_unavailable,
         template=template,
+        max_envelope_bytes=_size_limit(spec, "maxEnvelopeBytes", defaults.MAX_ENVELOPE_BYTES),
+        max_result_bytes=_size_limit(spec, "maxResultBytes", defaults.MAX_RESULT_BYTES),
+        max_response_bytes=_size_limit(spec, "maxResponseBytes", defaults.MAX_RESPONSE_BYTES),
+        max_dead_letters=_at_least(spec, "maxDeadLetters", 0, defaults.MAX_DEAD_LETTERS),
+        http=_http(spec),
+        allow_redis_eviction=_flag(spec, "allowRedisEviction", False),
     )

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from ...envelope import make_envelope
 from ...protocol import PoolProtocol
+from ...settings import HttpPolicy
 from ...supervisor import Supervisor, SupervisorSettings
 from ..polling import WaitTimeout, async_wait_for
 from ..redis_server import RedisServer
@@ -72,6 +73,9 @@ class PoolRun:
                 pool=self.pool,
                 slots=scenario.slots,
                 handlers=("http",),
+                # The stand-in listens on loopback, which the http handler
+                # refuses unless the pool names it.
+                http=HttpPolicy(allow_urls=(f"{api.url}/",)),
                 timings=scenario.timings,
                 max_attempts=scenario.max_attempts,
                 liveness_window=scenario.liveness_window,
