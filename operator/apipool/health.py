@@ -9,17 +9,49 @@ return ``(ok, reason)`` and a Prometheus registry. Guarantees:
 - ``GET /metrics`` answers the registry in the Prometheus text format, with its
   content type;
 - no access log, no signal handlers of its own; :meth:`HealthServer.stop`
-  closes the listening socket.
+  closes the listening socket;
+- host ``::`` listens on every IPv6 and IPv4 address (one dual-stack socket),
+  or on every IPv4 address where IPv6 is unavailable; any other host is bound
+  as it is.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Check = Callable[[], tuple[bool, str]]
+ANY_HOST = "::"
+
+
+def dual_stack_socket(port: int) -> socket.socket:
+    """A listening TCP socket on every address: IPv6 and IPv4 mapped when the
+    host has IPv6, else IPv4 alone."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return _bound(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port))
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return _bound(sock, ("::", port))
+    except OSError:
+        sock.close()
+        return _bound(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port))
+
+
+def _bound(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class HealthServer:
@@ -76,7 +108,11 @@ class HealthServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self._requested_port).start()
+            if self.host == ANY_HOST:
+                sock = dual_stack_socket(self._requested_port)
+                await web.SockSite(runner, sock).start()
+            else:
+                await web.TCPSite(runner, self.host, self._requested_port).start()
         except BaseException:
             await runner.cleanup()
             raise

@@ -201,18 +201,32 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "worker-hpa": {
         "redis": {"internal": {"enabled": True}},
         "pool": {"enabled": True},
-        "worker": {**WORKER, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 7}},
+        "worker": {
+            **WORKER,
+            "inputList": "rq:queue:default",
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 2,
+                "maxReplicas": 7,
+                "external": {
+                    "metricName": "redis_key_size",
+                    "selector": {"matchLabels": {"key": "rq:queue:default"}},
+                    "targetAverageValue": "20",
+                },
+            },
+        },
     },
     "worker-keda": {
         "redis": {"internal": {"enabled": True}},
         "pool": {"enabled": True},
-        "worker": {**WORKER, "keda": {"enabled": True}},
+        "worker": {**WORKER, "inputList": "rq:queue:default", "keda": {"enabled": True}},
     },
     "worker-keda-existing-secret": {
         "redis": {"existingSecret": "my-redis"},
         "worker": {
             **WORKER,
             "pool": "billing",
+            "inputList": "resque:queue:billing",
             "keda": {
                 "enabled": True,
                 "address": "redis.data.svc:6379",
@@ -309,7 +323,8 @@ def test_operator_is_one_replica_recreate(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports[port] == 8081
     assert (
-        pod["serviceAccountName"] == one(rendered[scenario], "ServiceAccount")["metadata"]["name"]
+        pod["serviceAccountName"]
+        == one(rendered[scenario], "ServiceAccount", "-operator")["metadata"]["name"]
     )
 
 
@@ -334,7 +349,7 @@ def test_rbac_follows_the_watched_namespaces(
 ) -> None:
     docs = rendered[scenario]
     assert watch_env(docs) == ",".join(namespaces)
-    sa = one(docs, "ServiceAccount")["metadata"]
+    sa = one(docs, "ServiceAccount", "-operator")["metadata"]
     subject = {"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE}
     roles = by_kind(docs, "Role")
     bindings = by_kind(docs, "RoleBinding")
@@ -382,7 +397,12 @@ def test_rbac_has_no_wildcard(rendered: dict[str, list[dict[str, Any]]], scenari
         for rule in doc["rules"]:
             for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
                 assert "*" not in rule.get(field, []), f"{doc['metadata']['name']}: {rule}"
-            assert not {"escalate", "bind", "impersonate", "update"} & set(rule["verbs"])
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+            if "update" in rule["verbs"]:
+                # The one update the operator needs: blockOwnerDeletion on the
+                # slot pods' ownerReferences (OwnerReferencesPermissionEnforcement).
+                assert rule["resources"] == ["apiconcurrencypools/finalizers"], rule
+                assert rule["verbs"] == ["update"], rule
 
 
 # -- pods are hardened -----------------------------------------------------------
@@ -501,18 +521,29 @@ def test_worker_hpa(rendered: dict[str, list[dict[str, Any]]]) -> None:
         "name": dep["metadata"]["name"],
     }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 7)
+    # The workers' own input backlog, not CPU (opt-in only) nor the pool's queue.
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
-    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"] == {
+        "name": "redis_key_size",
+        "selector": {"matchLabels": {"key": "rq:queue:default"}},
+    }
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "20"}
     assert "replicas" not in dep["spec"]  # owned by the HPA
     assert worker_container(docs)["resources"]["requests"]["cpu"]
     assert not by_kind(docs, "ScaledObject")
 
 
 @pytest.mark.parametrize(
-    ("scenario", "pool"), [("worker-keda", "example"), ("worker-keda-existing-secret", "billing")]
+    ("scenario", "pool", "input_list"),
+    [
+        ("worker-keda", "example", "rq:queue:default"),
+        ("worker-keda-existing-secret", "billing", "resque:queue:billing"),
+    ],
 )
-def test_worker_keda(rendered: dict[str, list[dict[str, Any]]], scenario: str, pool: str) -> None:
+def test_worker_keda(
+    rendered: dict[str, list[dict[str, Any]]], scenario: str, pool: str, input_list: str
+) -> None:
     docs = rendered[scenario]
     so = one(docs, "ScaledObject")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
@@ -522,7 +553,9 @@ def test_worker_keda(rendered: dict[str, list[dict[str, Any]]], scenario: str, p
     )
     (trigger,) = so["spec"]["triggers"]
     assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == f"apipool:{{{pool}}}:queue"
+    # The workers' input backlog, never the pool's queue (their output).
+    assert trigger["metadata"]["listName"] == input_list
+    assert trigger["metadata"]["listName"] != f"apipool:{{{pool}}}:queue"
     assert all(isinstance(v, str) for v in trigger["metadata"].values())
     env = {e["name"] for e in worker_container(docs)["env"]}
     assert trigger["metadata"]["addressFromEnv"] in env
@@ -563,7 +596,10 @@ def test_hpa_and_keda_together_fail_with_a_clear_message(helm: HelmBinary | Helm
         ),
         ({"redis": {"existingSecret": "r"}, "worker": {"enabled": True}}, "worker.targetUrl"),
         (
-            {"redis": {"existingSecret": "r"}, "worker": {**WORKER, "keda": {"enabled": True}}},
+            {
+                "redis": {"existingSecret": "r"},
+                "worker": {**WORKER, "inputList": "q", "keda": {"enabled": True}},
+            },
             "worker.keda.address",
         ),
     ],

@@ -28,6 +28,7 @@ import pytest
 import redis
 import yaml
 
+from apipool.testing.polling import WaitTimeout, wait_for
 from apipool.testing.redis_server import free_port
 
 T = TypeVar("T")
@@ -127,28 +128,31 @@ def wait_until(
     interval: float = 1.0,
     diagnostics: Callable[[], str] | None = None,
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail at the deadline.
+    """Poll ``predicate`` (with the suite's one helper, ``wait_for``) until it
+    returns something truthy; fail at the deadline.
 
     A predicate that raises CommandFailed counts as "not yet" (the API server
     may be busy); the last such error is part of the failure message.
     """
-    deadline = time.monotonic() + timeout
     last_error = ""
-    while True:
+
+    def attempt() -> T | None:
+        nonlocal last_error
         try:
-            value = predicate()
+            return predicate()
         except CommandFailed as exc:
-            value, last_error = None, str(exc)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            message = f"timed out after {timeout:g} s waiting for {what}"
-            if last_error:
-                message += f"\nlast error: {_tail(last_error, 1500)}"
-            if diagnostics is not None:
-                message += "\n" + diagnostics()
-            pytest.fail(message, pytrace=False)
-        time.sleep(interval)
+            last_error = str(exc)
+            return None
+
+    try:
+        return wait_for(attempt, timeout, interval=interval, what=what)  # type: ignore[return-value]
+    except WaitTimeout as exc:
+        message = str(exc)
+        if last_error:
+            message += f"\nlast error: {_tail(last_error, 1500)}"
+        if diagnostics is not None:
+            message += "\n" + diagnostics()
+        pytest.fail(message, pytrace=False)
 
 
 # -- kubectl ----------------------------------------------------------------------

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,15 @@ from apipool.operator.config import OperatorSettings
 
 from ..conftest import wait_for
 from .emulator import EVENTS, PODS, POOLS, SECRETS, Emulator, EmulatorThread
+from .emulator_admission import Refusal, webhook_denial
+from .emulator_rbac import (
+    OPERATOR_SA,
+    OPERATOR_TOKEN,
+    Rbac,
+    chart_rbac_documents,
+    chart_service_account,
+    sa_user,
+)
 
 if TYPE_CHECKING:
     from apipool.operator.reconcile import Reconciler
@@ -49,13 +59,29 @@ OPERATOR_SETTINGS = OperatorSettings(
 )
 """The operator's settings in these tests (kopf's own liveness endpoint is off too)."""
 
-__all__ = ["EVENTS", "NAMESPACE", "PODS", "POOLS", "SECRETS", "Cluster", "wait_for"]
+RBAC_MODE = os.environ.get("APIPOOL_EMULATOR_RBAC", "deploy")
+"""The RBAC the operator runs under unless a test's ``emulator(rbac=...)`` marker
+says otherwise: ``deploy`` (deploy/rbac.yaml), ``chart`` (the chart's rendered
+RBAC) or ``off`` (the operator is the admin)."""
+
+__all__ = [
+    "EVENTS",
+    "NAMESPACE",
+    "PODS",
+    "POOLS",
+    "SECRETS",
+    "Cluster",
+    "Refusal",
+    "wait_for",
+    "webhook_denial",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "emulator(**options): options of the Kubernetes emulator (pod_grace, auto_ready)",
+        "emulator(**options): options of the Kubernetes emulator (pod_grace, auto_ready, "
+        "validate_builtins, rbac: 'deploy' | 'chart' | 'off' | an Rbac)",
     )
 
 
@@ -63,14 +89,41 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_KUBE_DIR, ignore_errors=True)
 
 
-def write_kubeconfig(url: str) -> None:
+@functools.cache
+def chart_rbac() -> tuple[tuple[dict[str, Any], ...], str]:
+    """The chart's RBAC objects (watching ``default``) and its ServiceAccount's user."""
+    docs = chart_rbac_documents()
+    return tuple(docs), sa_user(*chart_service_account(docs))
+
+
+def make_rbac(mode: str | Rbac | None) -> Rbac | None:
+    """The emulator's RBAC for a mode; the operator's token names the ServiceAccount."""
+    if isinstance(mode, Rbac):
+        return mode
+    if mode in (None, False, "off"):
+        return None
+    if mode == "deploy":
+        rbac = Rbac.from_file()
+        rbac.add_token(OPERATOR_TOKEN, sa_user(*OPERATOR_SA))
+        return rbac
+    if mode == "chart":
+        docs, user = chart_rbac()
+        rbac = Rbac.from_documents(docs)
+        rbac.add_token(OPERATOR_TOKEN, user)
+        return rbac
+    raise ValueError(f"unknown RBAC mode {mode!r}")
+
+
+def write_kubeconfig(url: str, token: str | None = None) -> None:
+    """Point the kubeconfig at the emulator; with ``token``, its user presents it."""
+    user = f"{{token: {token}}}" if token else "{}"
     text = (
         "apiVersion: v1\n"
         "kind: Config\n"
         "clusters:\n"
         f"- name: emulator\n  cluster:\n    server: {url}\n"
         "users:\n"
-        "- name: tester\n  user: {}\n"
+        f"- name: tester\n  user: {user}\n"
         "contexts:\n"
         "- name: emulator\n  context:\n    cluster: emulator\n    user: tester\n"
         f"    namespace: {NAMESPACE}\n"
@@ -210,6 +263,7 @@ class Cluster:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.ApiException = kubernetes.client.ApiException
+        self._kubernetes = kubernetes
 
     def close(self) -> None:
         self.api.close()
@@ -245,6 +299,23 @@ class Cluster:
         return dict(
             self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
         )
+
+    def create_invalid_pool(self, name: str, slots: int = 3, **spec: Any) -> dict[str, Any]:
+        """Create a pool past the CRD's schema (which would answer 422): a pool stored
+        before its CRD got stricter, to test the operator's own checks. It gets the
+        ADDED event as any other."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ApiConcurrencyPool",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": self.pool_spec(slots, **spec),
+        }
+        return self.kube.put(POOLS, body, admission=False)
+
+    def force_spec(self, name: str, **spec: Any) -> dict[str, Any]:
+        """Merge ``spec`` into a pool past the CRD's schema and admission (a MODIFIED
+        event, the generation bumped): a spec the API would refuse with 422."""
+        return self.kube.force_merge(POOLS, name, {"spec": spec}, namespace=NAMESPACE)
 
     def patch_pool(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return dict(
@@ -367,15 +438,58 @@ class Cluster:
         body = {"metadata": {"name": name, "namespace": NAMESPACE}, "data": encoded}
         self.core.create_namespaced_secret(NAMESPACE, body)
 
+    # Admission and identities ---------------------------------------------------------
+
+    def refuse(
+        self,
+        kind: str | None = None,
+        *,
+        code: int = 403,
+        reason: str | None = None,
+        message: str = "refused by admission",
+        when: Callable[[Mapping[str, Any]], bool] | None = None,
+        verbs: Iterable[str] = ("create",),
+        times: int | None = None,
+    ) -> Refusal:
+        """Refuse the writes (``verbs``) of ``kind`` (a plural: ``pods``) for which
+        ``when(obj)`` holds, with ``code``/``reason``/``message``, for ``times``
+        requests (None: until :meth:`allow`). ``Refusal.refused`` lists what it
+        refused. See :func:`webhook_denial` for a webhook's wording."""
+        return self.kube.refuse(
+            kind=kind,
+            code=code,
+            reason=reason,
+            message=message,
+            when=when,
+            verbs=frozenset(verbs),
+            times=times,
+        )
+
+    def allow(self, refusal: Refusal) -> None:
+        self.kube.allow(refusal)
+
+    def client_as(self, token: str = OPERATOR_TOKEN) -> Any:
+        """A kubernetes ``ApiClient`` presenting a bearer token (by default the
+        operator's ServiceAccount's); close it after use."""
+        config = self._kubernetes.client.Configuration()
+        config.host = self.kube.url
+        config.api_key = {"authorization": token}
+        config.api_key_prefix = {"authorization": "Bearer"}
+        return self._kubernetes.client.ApiClient(config)
+
 
 @pytest.fixture
 def kube(request: pytest.FixtureRequest) -> Iterator[EmulatorThread]:
-    """The emulator, on a free loopback port, named in the kubeconfig."""
-    options: dict[str, Any] = {"pod_grace": 0.05, "auto_ready": 0.02}
+    """The emulator, on a free loopback port, named in the kubeconfig. With RBAC on
+    (by default deploy/rbac.yaml; see :data:`RBAC_MODE` and the ``emulator(rbac=...)``
+    marker) the kubeconfig's user presents :data:`OPERATOR_TOKEN`, so the operator
+    is its ServiceAccount; the tests' own client sends no token and is the admin."""
+    options: dict[str, Any] = {"pod_grace": 0.05, "auto_ready": 0.02, "rbac": RBAC_MODE}
     for marker in reversed(list(request.node.iter_markers("emulator"))):
         options.update(marker.kwargs)
+    options["rbac"] = make_rbac(options["rbac"])
     thread = EmulatorThread(**options).start()
-    write_kubeconfig(thread.url)
+    write_kubeconfig(thread.url, OPERATOR_TOKEN if options["rbac"] is not None else None)
     try:
         yield thread
         errors = thread.emulator.observer_errors if thread.emulator else []

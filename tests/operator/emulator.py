@@ -33,6 +33,21 @@ adds what an API server does and the operator's behaviour depends on:
   seconds after its creation (``None``: it stays Pending until the test calls
   :meth:`Emulator.set_pod_status`).
 
+As strict as an API server where the operator's correctness depends on it
+(see tests/operator/README.md for what it still does not do):
+
+- custom resources are defaulted, pruned and validated with the CRD's
+  structural schema, read from crds/ (:mod:`.emulator_schema`), on create,
+  patch, ``/status`` and ``/scale`` alike (422 Invalid);
+- built-in kinds are validated against the strict Kubernetes OpenAPI schemas of
+  kubernetes-validate (422 Invalid; ``validate_builtins=False`` turns it off);
+- with :attr:`Emulator.rbac`, bearer tokens name users and RBAC rules decide
+  (401, 403), and the OwnerReferencesPermissionEnforcement rule holds
+  (:mod:`.emulator_rbac`); a request without a token is the admin;
+- refusals registered in :attr:`Emulator.refusals` act as validating admission
+  (:mod:`.emulator_admission`);
+- ``?dryRun=All`` runs all of the above and stores nothing.
+
 Every committed change calls the functions in :attr:`Emulator.observers` (under
 the store's lock), so a test can check an invariant at every moment of the
 store, not only at the moments it happens to look.
@@ -62,6 +77,10 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+
+from .emulator_admission import Refusal, admit
+from .emulator_rbac import ADMIN, Attributes, Rbac, owner_reference_checks, request_verb
+from .emulator_schema import StructuralSchema, crd_schemas, validate_builtin
 
 T = TypeVar("T")
 Key = tuple[kmock.resource, str | None, str]
@@ -150,8 +169,32 @@ def apply_patch(request: kmock.Request, doc: Mapping[str, Any]) -> dict[str, Any
     return result
 
 
+def is_dry_run(request: kmock.Request) -> bool:
+    """``?dryRun=All``: the request is validated and admitted, and nothing is stored."""
+    value = request.params.get("dryRun")
+    if value is None:
+        return False
+    if value != "All":
+        raise _error(400, "BadRequest", f"unsupported dryRun value {value!r}; only All")
+    return True
+
+
 def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=status, reason=reason, message=message, details={})
+
+
+def status_body(exc: kmock.KubernetesError) -> dict[str, Any]:
+    """The ``Status`` object of an error, as the API server sends it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": exc.message,
+        "reason": exc.reason,
+        "details": exc.details,
+        "code": exc.status,
+    }
 
 
 def _get_path(doc: Mapping[str, Any], path: str) -> Any:
@@ -248,6 +291,14 @@ class Emulator(kmock.KubernetesEmulator):
     """specReplicasPath, statusReplicasPath, labelSelectorPath of a scale subresource."""
     observers: list[Callable[[Emulator], None]] = attrs.field(factory=list)
     """Called after every committed change, with the store locked."""
+    schemas: dict[kmock.resource, StructuralSchema] = attrs.field(factory=crd_schemas)
+    """The structural schemas of the custom resources (from crds/), applied on writes."""
+    validate_builtins: bool = True
+    """Validate built-in kinds (pods, ...) against the Kubernetes OpenAPI schemas."""
+    rbac: Rbac | None = None
+    """Authentication and RBAC; None: every request is the admin's."""
+    refusals: list[Refusal] = attrs.field(factory=list)
+    """Admission refusals registered by the test (see emulator_admission)."""
 
     _version: int = attrs.field(default=0, init=False)
     _log: list[tuple[int, kmock.resource, dict[str, Any]]] = attrs.field(factory=list, init=False)
@@ -373,7 +424,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- create / patch / delete -------------------------------------------------------
 
-    async def _create(self, request: kmock.Request) -> dict[str, Any]:
+    async def _create(
+        self, request: kmock.Request, *, user: str = ADMIN, admission: bool = True
+    ) -> dict[str, Any]:
         resource = request.resource
         assert resource is not None
         info = self._info(resource)
@@ -406,13 +459,18 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(409, "AlreadyExists", f"{resource.plural} {meta['name']!r} already exists")
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
             meta.pop(field, None)
+        if "status" in info.subresources:
+            obj.pop("status", None)
+        if admission:
+            obj = self.admit(resource, None, obj, "create", user)
+            meta = obj["metadata"]
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_text()
         meta["generation"] = 1
-        if "status" in info.subresources:
-            obj.pop("status", None)
         if resource == PODS:
             obj["status"] = {"phase": "Pending"}
+        if is_dry_run(request):
+            return obj  # validated and admitted, never stored
         stored = await self._store(key, obj, "ADDED")
         if resource == PODS and self.auto_ready is not None:
             uid = meta["uid"]
@@ -423,7 +481,36 @@ class Emulator(kmock.KubernetesEmulator):
             self._spawn(self._later(self.auto_ready, kubelet))
         return stored
 
-    async def _patch(self, request: kmock.Request) -> dict[str, Any]:
+    def admit(
+        self,
+        resource: kmock.resource,
+        old: dict[str, Any] | None,
+        new: dict[str, Any],
+        verb: str,
+        user: str = ADMIN,
+    ) -> dict[str, Any]:
+        """What the API server does between authorization and storage: the
+        ownerReferences admission, the schema (defaults, pruning, validation) and the
+        refusals the test registered. Returns the object as it would be stored."""
+        if self.rbac is not None and user != ADMIN:
+            owners = {
+                (
+                    "/".join(p for p in (res.group, res.version) if p),
+                    str(res_info.kind),
+                ): (res.group or "", res.plural or "")
+                for res, res_info in self.resources.items()
+                if res_info.kind
+            }
+            for check, prefix in owner_reference_checks(user, old, new, resource, owners):
+                self.rbac.check(check, prefix)
+        if resource in self.schemas:
+            new = self.schemas[resource].admit(new, old)
+        elif self.validate_builtins:
+            validate_builtin(resource, self._info(resource).kind or "", new)
+        admit(self.refusals, verb, resource, new)
+        return new
+
+    async def _patch(self, request: kmock.Request, *, user: str = ADMIN) -> dict[str, Any]:
         resource, name = request.resource, request.name
         assert resource is not None
         assert name is not None
@@ -434,7 +521,7 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(404, "NotFound", f"{resource.plural} {name!r} not found")
         sub = request.subresource
         if sub == "scale":
-            return await self._patch_scale(key, old, request)
+            return await self._patch_scale(key, old, request, user)
         if sub not in (None, "status"):
             raise _error(404, "NotFound", f"the subresource {sub!r} cannot be patched here")
         patch = request.data
@@ -463,11 +550,14 @@ class Emulator(kmock.KubernetesEmulator):
                     new["status"] = old["status"]
                 else:
                     new.pop("status", None)
-            if new.get("spec") != old.get("spec"):
-                new_meta["generation"] = int(old["metadata"].get("generation") or 0) + 1
+        new = self.admit(resource, old, new, "patch", user)
+        if sub is None and new.get("spec") != old.get("spec"):
+            new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
             return old  # a no-op: no new version, no event
+        if is_dry_run(request):
+            return new
         stored = await self._store(key, new, "MODIFIED")
         return await self._settle(key) or stored
 
@@ -490,7 +580,7 @@ class Emulator(kmock.KubernetesEmulator):
         }
 
     async def _patch_scale(
-        self, key: Key, old: dict[str, Any], request: kmock.Request
+        self, key: Key, old: dict[str, Any], request: kmock.Request, user: str = ADMIN
     ) -> dict[str, Any]:
         resource = key[0]
         if resource not in self.scale_paths:
@@ -501,6 +591,9 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(422, "Invalid", f"spec.replicas must be a whole number, not {replicas!r}")
         new = copy.deepcopy(old)
         _set_path(new, self.scale_paths[resource][0], replicas)
+        new = self.admit(resource, old, new, "patch", user)
+        if is_dry_run(request):
+            return self._scale_doc(resource, new)
         if new != old:
             new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
             old = await self._store(key, new, "MODIFIED")
@@ -582,6 +675,17 @@ class Emulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # kmock 0.8 cannot parse the URL of the namespace list (kopf lists and watches it).
         if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            try:
+                self.authorize(
+                    kmock.Request(
+                        method=raw_request.method,
+                        params=dict(raw_request.query),
+                        headers=dict(raw_request.headers),
+                        resource=NAMESPACES,
+                    )
+                )
+            except kmock.KubernetesError as exc:
+                return aiohttp.web.json_response(status_body(exc), status=exc.status or 500)
             return await self._serve_namespaces(raw_request)
         return await super().__call__(raw_request)
 
@@ -607,19 +711,47 @@ class Emulator(kmock.KubernetesEmulator):
             await response.write(json.dumps(event).encode() + b"\n")
         return response
 
+    def authorize(self, request: kmock.Request) -> str:
+        """The user of the request (401 for an unknown token); 403 unless RBAC allows
+        what it asks. Requests outside any resource (discovery) are allowed."""
+        if self.rbac is None:
+            return ADMIN
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        user = self.rbac.user_of(headers.get("authorization"))
+        if request.resource is not None and request.resource.plural:  # else discovery
+            self.rbac.check(
+                Attributes(
+                    user,
+                    request_verb(request),
+                    request.resource.group or "",
+                    request.resource.plural or "",
+                    request.subresource,
+                    request.namespace,
+                    request.name,
+                )
+            )
+        return user
+
     async def _handle(self, request: kmock.Request) -> Any:
+        user = self.authorize(request)
         if request.resource is not None and request.action in MUTATING:
             async with self._lock:
                 if request.action == kmock.action.CREATE:
-                    answer = await self._create(request)
+                    answer = await self._create(request, user=user)
                 elif request.action == kmock.action.UPDATE:
-                    answer = await self._patch(request)
+                    answer = await self._patch(request, user=user)
                 else:
                     assert request.name is not None
                     options = request.data if isinstance(request.data, Mapping) else {}
                     grace = options.get("gracePeriodSeconds")
                     key: Key = (request.resource, request.namespace, request.name)
-                    answer = await self._delete(key, grace=None if grace is None else float(grace))
+                    if is_dry_run(request):
+                        answer = self.current(*key)
+                        if answer is None:
+                            raise _error(404, "NotFound", f"{key[0].plural} {key[2]!r} not found")
+                    else:
+                        grace_s = None if grace is None else float(grace)
+                        answer = await self._delete(key, grace=grace_s)
             self._answers[request.id] = answer
         # Serve through kmock's reactions and fallbacks, skipping the parent's own bookkeeping.
         return await super(kmock.KubernetesEmulator, self)._handle(request)
@@ -725,12 +857,32 @@ class Emulator(kmock.KubernetesEmulator):
         async with self._lock:
             return await self._pod_status((PODS, namespace, name), None, phase=phase, ready=ready)
 
-    async def put_object(self, resource: kmock.resource, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create an object as a client would (uid, version, ADDED event)."""
+    async def put_object(
+        self, resource: kmock.resource, obj: Mapping[str, Any], *, admission: bool = True
+    ) -> dict[str, Any]:
+        """Create an object as the admin would (uid, version, ADDED event);
+        ``admission=False`` stores it without schema or admission (as if written by an
+        older API server, or straight into etcd)."""
         namespace = (obj.get("metadata") or {}).get("namespace")
         request = kmock.Request(resource=resource, namespace=namespace, data=dict(obj))
         async with self._lock:
-            return await self._create(request)
+            return await self._create(request, admission=admission)
+
+    async def force_merge(
+        self, resource: kmock.resource, namespace: str | None, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge ``patch`` into a stored object past schema and admission (a MODIFIED
+        event; generation bumped when the spec changes): an object the API would
+        refuse today, e.g. one stored before its CRD got stricter."""
+        async with self._lock:
+            key: Key = (resource, namespace, name)
+            old = self.current(*key)
+            if old is None:
+                raise KeyError(key)
+            new = merge_patch(old, patch)
+            if new.get("spec") != old.get("spec"):
+                new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
+            return await self._store(key, new, "MODIFIED")
 
     async def vanish(self, resource: kmock.resource, namespace: str | None, name: str) -> bool:
         """Remove an object from the store without any watch event (a missed event)."""
@@ -830,8 +982,38 @@ class EmulatorThread:
                 return obj
         return None
 
-    def put(self, resource: kmock.resource, obj: Mapping[str, Any]) -> dict[str, Any]:
-        return self.call(lambda e: e.put_object(resource, obj))
+    def put(
+        self, resource: kmock.resource, obj: Mapping[str, Any], *, admission: bool = True
+    ) -> dict[str, Any]:
+        return self.call(lambda e: e.put_object(resource, obj, admission=admission))
+
+    def force_merge(
+        self,
+        resource: kmock.resource,
+        name: str,
+        patch: Mapping[str, Any],
+        namespace: str | None = "default",
+    ) -> dict[str, Any]:
+        return self.call(lambda e: e.force_merge(resource, namespace, name, patch))
+
+    def refuse(self, **options: Any) -> Refusal:
+        """Register a :class:`Refusal` (see emulator_admission) and return it."""
+        refusal = Refusal(**options)
+
+        async def add(e: Emulator) -> Refusal:
+            e.refusals.append(refusal)
+            return refusal
+
+        return self.call(add)
+
+    def allow(self, refusal: Refusal) -> None:
+        """Withdraw a refusal."""
+
+        async def remove(e: Emulator) -> None:
+            if refusal in e.refusals:
+                e.refusals.remove(refusal)
+
+        self.call(remove)
 
     def finish_deletion(self, name: str, namespace: str = "default") -> bool:
         return self.call(lambda e: e.finish_deletion(namespace, name))

@@ -629,6 +629,7 @@ def test_status_schema(schema: dict[str, Any], version: dict[str, Any]) -> None:
     assert set(status) == {
         "desiredSlots",
         "readySlots",
+        "updatedSlots",
         "busySlots",
         "queueDepth",
         "inFlight",

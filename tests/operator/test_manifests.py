@@ -93,7 +93,7 @@ def test_the_slot_command_line_is_slot_settings_to_argv() -> None:
         ),
         allow_eviction=True,
         owner=OWNER,
-        health_host="0.0.0.0",
+        health_host="::",
         health_port=defaults.HEALTH_PORT,
     )
     (container,) = slot_pod(s, "billing", "ns", 1)["spec"]["containers"]

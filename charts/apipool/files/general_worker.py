@@ -3,7 +3,11 @@
 It never calls the external API itself. Each round it submits one request to
 the pool (``Client.submit``), does its own work while a slot makes the call
 (simulated here by CPU work and a sleep), then collects the response
-(``Client.result``). It handles the pool's typed errors:
+(``Client.result``). With ``APIPOOL_INPUT_LIST`` set, a round starts only when
+it pops a work item from that Redis list (its input backlog, on the pool's
+Redis), as a worker of an RQ/resque-style queue would; that list, not the
+pool's queue, is what an autoscaler should measure. It handles the pool's
+typed errors:
 
 - ``QueueFull``: the pool's queue is at its limit; back off exponentially
   (with jitter) and try again, without losing the work item;
@@ -27,6 +31,8 @@ Configuration, from the environment:
 | ``APIPOOL_JOB_DEADLINE`` | ``60`` | seconds after which a job is not worth calling |
 | ``APIPOOL_MAX_BACKOFF`` | ``30`` | longest back-off in seconds |
 | ``APIPOOL_ROUNDS`` | ``0`` | rounds to run before exiting; 0: until SIGTERM |
+| ``APIPOOL_INPUT_LIST`` | (empty) | Redis list to pop one item from per round; empty: none |
+| ``APIPOOL_INPUT_WAIT`` | ``5`` | seconds (> 0) one pop waits for an item |
 
 Run it with the apipool package importable (the apipool image has it):
 ``python general_worker.py`` (the Helm chart mounts it at /app).
@@ -44,7 +50,9 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from redis import Redis, RedisError
 
 from apipool import Client, JobFailed, QueueFull, RedisUnavailable, ResultTimeout
 
@@ -63,6 +71,8 @@ class Settings:
     job_deadline: float = 60.0
     max_backoff: float = 30.0
     rounds: int = 0
+    input_list: str = ""
+    input_wait: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +95,13 @@ class Settings:
                 raise SystemExit(f"general_worker: {name} must be >= 0, not {raw!r}")
             return value
 
+        def positive(name: str, default: float) -> float:
+            # BLPOP with a timeout of 0 would block forever, deaf to SIGTERM.
+            value = number(name, default)
+            if value == 0:
+                raise SystemExit(f"general_worker: {name} must be > 0")
+            return value
+
         return cls(
             redis_url=env["APIPOOL_REDIS_URL"],
             pool=env["APIPOOL_POOL"],
@@ -96,7 +113,32 @@ class Settings:
             job_deadline=number("APIPOOL_JOB_DEADLINE", cls.job_deadline),
             max_backoff=number("APIPOOL_MAX_BACKOFF", cls.max_backoff),
             rounds=int(number("APIPOOL_ROUNDS", cls.rounds)),
+            input_list=env.get("APIPOOL_INPUT_LIST", "").strip(),
+            input_wait=positive("APIPOOL_INPUT_WAIT", cls.input_wait),
         )
+
+
+class InputSource(Protocol):
+    """The part of redis.Redis that reads the input list."""
+
+    def blpop(self, keys: list[str], timeout: float) -> Any: ...
+
+
+def take_item(source: InputSource, settings: Settings, stop: threading.Event) -> str | None:
+    """Pop one work item from the input list; None when none came in time or Redis failed."""
+    try:
+        popped = source.blpop([settings.input_list], timeout=settings.input_wait)
+    except RedisError as exc:
+        delay = backoff_delay(1, settings.max_backoff)
+        log.warning(
+            "input list %s: redis error (%s): retry in %.2f s", settings.input_list, exc, delay
+        )
+        stop.wait(delay)
+        return None
+    if not popped:
+        return None
+    item = popped[1]
+    return item.decode(errors="replace") if isinstance(item, bytes) else str(item)
 
 
 def busy_work(cpu_seconds: float, sleep_seconds: float, stop: threading.Event) -> None:
@@ -172,12 +214,21 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
     counts: dict[str, int] = {}
     log.info("submitting to pool %r, target %s", settings.pool, settings.target_url)
+    source = Redis.from_url(settings.redis_url) if settings.input_list else None
     with Client(settings.redis_url, settings.pool) as client:
         n = 0
         while not stop.is_set() and (settings.rounds == 0 or n < settings.rounds):
+            if source is not None:
+                item = take_item(source, settings, stop)
+                if item is None:
+                    counts["idle"] = counts.get("idle", 0) + 1
+                    continue
+                log.debug("work item %r from %s", item[:80], settings.input_list)
             n += 1
             outcome = run_round(client, settings, stop, n)
             counts[outcome] = counts.get(outcome, 0) + 1
+    if source is not None:
+        source.close()
     log.info("stopping after %d rounds: %s", n, counts)
     return 0
 

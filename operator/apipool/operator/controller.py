@@ -4,7 +4,13 @@
 ``kopf.OperatorRegistry`` and returns it; nothing is registered at import, and
 nothing here reads the environment. Each entry point (a pool created, changed or
 resumed; a slot pod's event; the self-healing timer) runs the same
-:meth:`Reconciler.reconcile`; deleting a pool removes its pods and its memory.
+:meth:`Reconciler.reconcile` (a pod event through :meth:`Reconciler.nudge`, so
+that a burst of them while a reconcile runs costs one more, not one each);
+deleting a pool removes its pods and its memory.
+
+The pod watch carries a server-side label selector (the slot pods' base labels,
+:data:`SLOT_POD_SELECTOR`): the API server sends the events of slot pods only,
+not of every pod in the watched namespaces.
 
 The handler ids are fixed strings: kopf keeps its progress on each pool under
 them, so they stay the same whatever the functions here are called.
@@ -24,6 +30,8 @@ from .manifests import BASE_LABELS, LABEL_POOL
 from .reconcile import Reconciler
 from .spec import GROUP, PLURAL, VERSION
 
+SLOT_POD_SELECTOR = ",".join(f"{k}={v}" for k, v in BASE_LABELS.items())
+"""The server-side label selector of kopf's pod watch (and list)."""
 WATCH_SERVER_TIMEOUT = 300
 """Seconds after which the API server ends a watch: kopf lists again at least this often."""
 
@@ -38,6 +46,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
     settings.watching.client_timeout = WATCH_SERVER_TIMEOUT + 30
+    settings.watching.label_selectors["v1", "pods"] = SLOT_POD_SELECTOR
 
 
 def build_registry(
@@ -110,7 +119,7 @@ def _register_pool_handlers(
         """A slot pod changed or went away: reconcile its pool at once."""
         pool = labels.get(LABEL_POOL)
         if pool and namespace:
-            pools.reconcile(namespace, pool)  # reads the pool itself; gone or deleting: nothing
+            pools.nudge(namespace, pool)  # reads the pool itself; gone or deleting: nothing
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="pool_deleted", optional=True, registry=registry)
     def pool_deleted(name: str, namespace: str | None, **_: Any) -> None:

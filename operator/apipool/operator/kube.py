@@ -6,12 +6,17 @@ answer (a 404 or a 409 where that is a normal outcome) as its return value, or
 raises: ``kopf.TemporaryError`` for any other answer of the API, so that kopf
 retries with a delay, and :class:`ApipoolError` where the pool itself is at
 fault (its Secret is missing or unusable), so that the reconcile can report it.
+A slot pod that cannot be created as it is (the client's own validation, or
+the API server answering 400, 403 or 422: an invalid field, a missing
+ServiceAccount or PriorityClass, a quota, an admission webhook) raises
+:class:`PodRefused` with the reason given.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import threading
 from collections.abc import Mapping
 from typing import Any, cast
@@ -27,6 +32,22 @@ from .spec import GROUP, PLURAL, VERSION, PoolSpec
 
 API_RETRY_DELAY = 5.0
 """Seconds kopf waits before it retries a handler after an API error."""
+REFUSED = frozenset({400, 403, 422})
+"""Answers to a pod create that a retry of the same request cannot change."""
+
+
+class PodRefused(ApipoolError):
+    """A slot pod cannot be created as it is; the message says why."""
+
+
+def api_message(exc: ApiException) -> str:
+    """What the API server said: the ``message`` of its Status, else the reason."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or "no reason given")
 
 
 def api_error(what: str, exc: ApiException) -> kopf.TemporaryError:
@@ -164,15 +185,45 @@ class KubeApi:
 
     def create_pod(self, namespace: str, manifest: Mapping[str, Any]) -> bool:
         """Create a pod; False when one of that name exists already (creates of
-        the stable slot names are idempotent)."""
+        the stable slot names are idempotent). Raises PodRefused when the pod
+        cannot be created as it is."""
+        name = manifest["metadata"]["name"]
         try:
-            # The client serialises plain dicts as they are; its types say V1Pod.
-            self.core.create_namespaced_pod(namespace, cast(Any, manifest))
+            self._create(namespace, manifest, dry_run=False)
         except ApiException as exc:
             if exc.status == 409:
                 return False
-            raise api_error(f"creating {manifest['metadata']['name']}", exc) from exc
+            raise api_error(f"creating {name}", exc) from exc
         return True
+
+    def dry_run_pod(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        """Ask the API server whether it would create this pod (server-side dry
+        run: admission, quotas and webhooks included; nothing is stored). The
+        pod gets a generated name, as its own is taken. Raises PodRefused when
+        it would not."""
+        meta = {k: v for k, v in manifest["metadata"].items() if k != "name"}
+        meta["generateName"] = f"{manifest['metadata']['name']}-dry-run-"
+        try:
+            self._create(namespace, {**manifest, "metadata": meta}, dry_run=True)
+        except ApiException as exc:
+            raise api_error(f"trying {manifest['metadata']['name']} (dry run)", exc) from exc
+
+    def _create(self, namespace: str, manifest: Mapping[str, Any], *, dry_run: bool) -> None:
+        """Create (or dry-run) a pod; a refusal that a retry cannot change is
+        PodRefused, other API errors are left to the caller."""
+        name = manifest["metadata"].get("name") or manifest["metadata"].get("generateName")
+        options: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
+        try:
+            # The client serialises plain dicts as they are; its types say V1Pod.
+            self.core.create_namespaced_pod(namespace, cast(Any, manifest), **options)
+        except ApiException as exc:
+            if exc.status in REFUSED:
+                raise PodRefused(
+                    f"pod {name} refused by the API server ({exc.status}): {api_message(exc)}"
+                ) from exc
+            raise
+        except (ValueError, TypeError) as exc:  # the client's validation of the request
+            raise PodRefused(f"pod {name} refused by the Kubernetes client: {exc}") from exc
 
     def delete_pod(self, namespace: str, name: str) -> bool:
         """Delete a pod (gracefully); False when it was gone already."""

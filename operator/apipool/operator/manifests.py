@@ -1,8 +1,12 @@
 """Slot pod manifests, built as plain dicts from a PoolSpec (pure).
 
 The slot container's command line is :meth:`SlotSettings.to_argv`, the one
-function that builds an ``apipool slot`` command line. Ownership
-(``kopf.adopt``) is added at the edge, when the reconcile creates the pod.
+function that builds an ``apipool slot`` command line. Ownership (an
+ownerReference, without the pool's labels) is added at the edge, when the
+reconcile creates the pod.
+
+Resource quantities are written as strings: the CRD accepts ``cpu: 1`` (an
+integer), the Kubernetes client's request validation does not.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from .. import defaults
@@ -27,6 +32,17 @@ LABEL_HASH = "apipool.dev/template-hash"
 ANNOTATION_HASH = "apipool.dev/template-hash"
 BASE_LABELS = {"app.kubernetes.io/name": "apipool", "app.kubernetes.io/component": "slot"}
 RUN_AS_USER = 10001
+LIVENESS_KILL_GRACE = 2
+"""Seconds between SIGTERM and SIGKILL when a probe kills a slot (the probe-level
+terminationGracePeriodSeconds): a hung slot does not act on SIGTERM, so waiting
+the pod's graceful-stop period would only keep the slot away longer."""
+HEALTH_HOST = "::"
+"""The slot's health server binds every address, IPv6 and IPv4 (dual stack; the
+slot falls back to IPv4 alone where the node has no IPv6)."""
+NO_SIDECAR = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
+"""Service-mesh sidecars are not injected: a proxy would keep the upstream
+connection open across a slot's restart, so more than N connections could be
+open at once."""
 
 
 def pod_name(pool: str, index: int) -> str:
@@ -81,7 +97,7 @@ def slot_settings(spec: PoolSpec, pool: str, index: int) -> SlotSettings:
         http=spec.http,
         allow_eviction=spec.allow_redis_eviction,
         owner=OWNER,
-        health_host="0.0.0.0",
+        health_host=HEALTH_HOST,
         health_port=HEALTH_PORT,
     )
 
@@ -102,13 +118,39 @@ def _env(spec: PoolSpec) -> list[dict[str, Any]]:
     ]
 
 
-def _probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {
+def _probe(
+    path: str, period: int, failures: int, timeout: int, *, kills: bool = True
+) -> dict[str, Any]:
+    """An httpGet probe; one that ``kills`` (liveness, startup) gets the short
+    probe-level grace (readiness may not have one)."""
+    probe: dict[str, Any] = {
         "httpGet": {"path": path, "port": "health"},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": timeout,
     }
+    if kills:
+        probe["terminationGracePeriodSeconds"] = LIVENESS_KILL_GRACE
+    return probe
+
+
+def quantity(value: Any) -> Any:
+    """A resource quantity as the API spells it: numbers become strings
+    (``1`` -> ``"1"``, ``0.5`` -> ``"0.5"``); anything else is left as it is."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def resources(template: Mapping[str, Any]) -> dict[str, Any]:
+    """The container's resources with every limit and request as a string quantity."""
+    found = dict(template.get("resources") or {})
+    for key in ("limits", "requests"):
+        if isinstance(found.get(key), Mapping):
+            found[key] = {name: quantity(v) for name, v in found[key].items()}
+    return found
 
 
 def _container(spec: PoolSpec, pool: str, index: int) -> dict[str, Any]:
@@ -122,7 +164,7 @@ def _container(spec: PoolSpec, pool: str, index: int) -> dict[str, Any]:
         "livenessProbe": _probe(
             "/healthz", live.period_seconds, live.failure_threshold, live.timeout_seconds
         ),
-        "readinessProbe": _probe("/readyz", 1, 2, 1),
+        "readinessProbe": _probe("/readyz", 1, 2, 1, kills=False),
         "startupProbe": _probe("/healthz", 1, 30, 1),
         "securityContext": {
             "runAsNonRoot": True,
@@ -134,9 +176,10 @@ def _container(spec: PoolSpec, pool: str, index: int) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    for key in ("resources", "imagePullPolicy"):
-        if key in spec.template:
-            container[key] = spec.template[key]
+    if "resources" in spec.template:
+        container["resources"] = resources(spec.template)
+    if "imagePullPolicy" in spec.template:
+        container["imagePullPolicy"] = spec.template["imagePullPolicy"]
     return container
 
 
@@ -183,7 +226,7 @@ def slot_pod(spec: PoolSpec, pool: str, namespace: str, index: int) -> dict[str,
         LABEL_SLOT: str(index),
         LABEL_HASH: digest,
     }
-    annotations = {**spec.template.get("annotations", {}), ANNOTATION_HASH: digest}
+    annotations = {**spec.template.get("annotations", {}), **NO_SIDECAR, ANNOTATION_HASH: digest}
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 FINISHED_PHASES = frozenset({"Failed", "Succeeded"})
+TEMPLATE_CHANGED = "pod template changed"
+"""The reason of a Delete that replaces an out-of-date pod (a rollout)."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,11 @@ def plan(desired: Desired, observed: Iterable[ObservedPod]) -> list[Action]:
             break
         if not pod.ready:
             continue  # already counted as unavailable; replace it when its turn comes
-        actions.append(Delete(pod.index, pod.name, "pod template changed"))
+        actions.append(Delete(pod.index, pod.name, TEMPLATE_CHANGED))
         budget -= 1
     # An out-of-date pod that is not ready is replaced at once: it gives no
     # capacity now, so replacing it costs none.
     for pod in outdated:
         if not pod.ready:
-            actions.append(Delete(pod.index, pod.name, "pod template changed"))
+            actions.append(Delete(pod.index, pod.name, TEMPLATE_CHANGED))
     return actions

@@ -1,7 +1,8 @@
 """What the operator remembers about each pool between reconciles, and for how long.
 
 :class:`PoolStates` owns one :class:`PoolState` per pool: the lock that keeps
-the reconciles of a pool from overlapping, and the samples of its busy-time
+the reconciles of a pool from overlapping, whether one more is wanted once the
+running one ends (pod events coalesced), and the samples of its busy-time
 counter that status.utilization is averaged over. An entry is made when a
 reconcile first holds the pool, and removed once the pool is gone (deleted, or
 found missing) and nobody holds or waits for it, so that the operator's memory
@@ -35,6 +36,14 @@ class PoolState:
     """(monotonic time, the pool's busy_ms counter) of recent reconciles, oldest first."""
     users: int = 0
     """Threads that hold or wait for the lock (guarded by PoolStates)."""
+    waiting: int = 0
+    """Threads that wait for the lock (guarded by PoolStates)."""
+    active: bool = False
+    """A reconcile holds the lock and looks at ``dirty`` before it ends
+    (guarded by PoolStates)."""
+    dirty: bool = False
+    """Something changed while the active reconcile ran: it runs once more
+    (guarded by PoolStates)."""
     gone: bool = False
     """The pool is gone: drop this entry when the last user leaves."""
 
@@ -73,14 +82,49 @@ class PoolStates:
         with self._guard:
             state = self._states.setdefault(key, PoolState())
             state.users += 1
+            state.waiting += 1
+        waited = False
         try:
             with state.lock:
+                with self._guard:
+                    state.waiting -= 1
+                    waited = state.active = True
                 yield state
         finally:
             with self._guard:
+                if not waited:
+                    state.waiting -= 1  # interrupted while waiting for the lock
+                elif state.active:  # ended by an error: the next event or tick looks again
+                    state.active = state.dirty = False
                 state.users -= 1
                 if state.gone and state.users == 0 and self._states.get(key) is state:
                     del self._states[key]
+
+    def coalesce(self, key: PoolKey) -> bool:
+        """Something of the pool changed: True when the caller should reconcile it;
+        False when a reconcile that starts after this moment covers the change (a
+        thread waits for the lock), or when the running one is told to run once
+        more (``dirty``). So a burst of pod events costs at most one more reconcile."""
+        with self._guard:
+            state = self._states.get(key)
+            if state is None:
+                return True
+            if state.waiting > 0:
+                return False
+            if state.active:
+                state.dirty = True
+                return False
+            return True
+
+    def rerun(self, state: PoolState) -> bool:
+        """Called by the holder at the end of a reconcile: True (and ``dirty``
+        cleared) when it must run once more; else the pool is no longer active."""
+        with self._guard:
+            if state.dirty:
+                state.dirty = False
+                return True
+            state.active = False
+            return False
 
     def forget(self, key: PoolKey) -> None:
         """The pool is gone: drop its entry now, or when its last holder leaves."""

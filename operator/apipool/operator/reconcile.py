@@ -11,7 +11,9 @@
    stats and ``INFO memory`` read;
 4. :meth:`~Reconciler.report`: an Event for a new problem, and the status.
 
-Reconciles of one pool never overlap in this process.
+Reconciles of one pool never overlap in this process, and a slot pod's event
+that arrives while one runs does not start another: the running one runs once
+more at its end (:meth:`Reconciler.nudge`).
 
 Error contract: an invalid spec sets the ``Degraded`` condition and posts an
 Event, and is not retried (nothing to retry until the spec changes); a missing
@@ -19,8 +21,13 @@ Secret or an unreachable Redis set the condition and post an Event too, and are
 retried with back-off when the caller asks (``retry_problems``); so is a Redis
 that may evict keys (``maxmemory`` with a policy other than ``noeviction``) while
 the spec does not set ``allowRedisEviction``, reason ``RedisMayEvict``: the
-slots are left as they are (they refuse to serve on their own). Errors of the
-Kubernetes API are raised as ``kopf.TemporaryError``.
+slots are left as they are (they refuse to serve on their own). A slot pod the
+API server (or the client's validation) refuses to create sets the condition
+with the reason given, reason ``SlotPodRefused``, and posts an Event; it is not
+retried by kopf (the timer looks again). Before the first out-of-date slot of a
+rollout is deleted, the new pod is tried with a server-side dry run: if it would
+be refused, nothing is deleted. Other errors of the Kubernetes API are raised
+as ``kopf.TemporaryError``.
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ from ..errors import ApipoolError
 from ..stats import PoolStats, read_stats, write_pool_config
 from . import redis_ops
 from .config import OperatorSettings
-from .kube import KubeApi, label_selector, load_config
+from .kube import KubeApi, PodRefused, label_selector, load_config
 from .manifests import slot_pod, template_hash
-from .planning import Action, Create, Delete, Desired, ObservedPod, plan
+from .planning import TEMPLATE_CHANGED, Action, Create, Delete, Desired, ObservedPod, plan
 from .pool_state import PoolKey, PoolState, PoolStates
 from .spec import InvalidSpec, PoolSpec, parse_spec
 from .status import Problem, build_status
@@ -69,6 +76,11 @@ def may_evict_message(pool: str, risk: str) -> str:
         "could vanish, so the slots refuse to serve. Set maxmemory-policy noeviction "
         "(or maxmemory 0) on that Redis, or set spec.allowRedisEviction: true to accept the risk"
     )
+
+
+def _replaces(action: Action) -> bool:
+    """Whether the action deletes an out-of-date slot (to be created anew)."""
+    return isinstance(action, Delete) and action.reason == TEMPLATE_CHANGED
 
 
 def _body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -147,11 +159,25 @@ class Reconciler:
     # -- entry points ------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str, *, retry_problems: bool = False) -> None:
-        """Bring one pool's pods, Redis bookkeeping and status in line with its spec.
+        """Bring one pool's pods, Redis bookkeeping and status in line with its spec;
+        once more when :meth:`nudge` asked for it meanwhile.
 
         A pool that is gone or being deleted is left alone (and forgotten)."""
         key: PoolKey = (namespace, name)
-        with self.states.hold(key) as state, RECONCILE_SECONDS.time():
+        with self.states.hold(key) as state:
+            self._once(key, state, retry_problems=retry_problems)
+            while self.states.rerun(state):
+                self._once(key, state, retry_problems=retry_problems)
+
+    def nudge(self, namespace: str, name: str) -> None:
+        """A slot pod of the pool changed: reconcile it, unless a reconcile that
+        starts after this moment (or the running one, once more) covers it."""
+        if self.states.coalesce((namespace, name)):
+            self.reconcile(namespace, name)
+
+    def _once(self, key: PoolKey, state: PoolState, *, retry_problems: bool) -> None:
+        namespace, name = key
+        with RECONCILE_SECONDS.time():
             try:
                 # Read the pool again under the lock: the body kopf hands over can predate
                 # the status the previous reconcile wrote, and whether a problem is new
@@ -183,7 +209,7 @@ class Reconciler:
         todo = self.plan(seen)
         applied = self.apply(seen, todo, state)
         problem = self.report(seen, todo, applied)
-        if problem is not None and retry_problems and seen.spec is not None:
+        if problem is not None and problem.retry and retry_problems and seen.spec is not None:
             raise kopf.TemporaryError(problem.message, delay=PROBLEM_RETRY_DELAY)
 
     # -- the four steps ----------------------------------------------------------------
@@ -221,15 +247,18 @@ class Reconciler:
         return PoolPlan(actions, allowed)
 
     def apply(self, seen: Observation, todo: PoolPlan, state: PoolState) -> Applied:
-        """Run the allowed pod actions, then bring the pool's Redis in line."""
+        """Run the allowed pod actions, then bring the pool's Redis in line. A
+        refused pod stops the pod actions; the refusal is the problem reported."""
         spec = seen.spec
         if spec is None:
             return Applied()
-        for action in todo.allowed:
-            self._act(seen.body, spec, action)
+        refused = self._act_all(seen, spec, todo.allowed)
         if seen.redis_url is None:
-            return Applied()
-        return self._sync_redis(seen, spec, seen.redis_url, state)
+            return Applied(problem=refused)
+        synced = self._sync_redis(seen, spec, seen.redis_url, state)
+        if refused is None:
+            return synced
+        return Applied(synced.stats, synced.utilization, refused)
 
     def report(self, seen: Observation, todo: PoolPlan, applied: Applied) -> Problem | None:
         """Post an Event for a new problem and write the status; returns the problem."""
@@ -256,11 +285,40 @@ class Reconciler:
 
     # -- the parts of apply and report -------------------------------------------------
 
+    def _act_all(self, seen: Observation, spec: PoolSpec, actions: list[Action]) -> Problem | None:
+        """Run the actions in order; a refused pod ends the run and is returned."""
+        try:
+            if self._rollout_starts(seen, actions):
+                index = next(a.index for a in actions if _replaces(a))
+                self.kube.dry_run_pod(seen.namespace, self._manifest(seen.body, spec, index))
+            for action in actions:
+                self._act(seen.body, spec, action)
+        except PodRefused as exc:
+            kept = " (out-of-date slots are kept)" if any(map(_replaces, actions)) else ""
+            return Problem("SlotPodRefused", f"{exc}{kept}", retry=False)
+        return None
+
+    @staticmethod
+    def _rollout_starts(seen: Observation, actions: list[Action]) -> bool:
+        """An out-of-date slot is about to be deleted while no pod of the new
+        template exists yet: the new template is untried."""
+        return any(map(_replaces, actions)) and not any(
+            p.template_hash == seen.template_hash and not p.terminating for p in seen.pods
+        )
+
+    @staticmethod
+    def _manifest(body: Mapping[str, Any], spec: PoolSpec, index: int) -> dict[str, Any]:
+        """Slot ``index``'s pod, owned by the pool (an ownerReference; the pool's
+        own labels are not copied)."""
+        meta = body["metadata"]
+        manifest = slot_pod(spec, meta["name"], meta["namespace"], index)
+        kopf.append_owner_reference(manifest, owner=_body(body))
+        return manifest
+
     def _act(self, body: Mapping[str, Any], spec: PoolSpec, action: Action) -> None:
-        namespace, pool = body["metadata"]["namespace"], body["metadata"]["name"]
+        namespace = body["metadata"]["namespace"]
         if isinstance(action, Create):
-            manifest = slot_pod(spec, pool, namespace, action.index)
-            kopf.adopt(manifest, owner=_body(body))
+            manifest = self._manifest(body, spec, action.index)
             if self.kube.create_pod(namespace, manifest):
                 ACTIONS.labels("create").inc()
                 message = f"created {manifest['metadata']['name']}"

@@ -1,4 +1,10 @@
-"""The pool's status: counts, utilization and conditions (pure)."""
+"""The pool's status: counts, utilization and conditions (pure).
+
+Every key :func:`build_status` can write is in :data:`STATUS_KEYS` (and in the
+CRD's status schema: the API server prunes any other). The figures read from
+Redis (:data:`REDIS_FIGURES`) are written as null when Redis could not be read,
+so that a stale figure never outlives the reading it came from.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,14 @@ from typing import Any
 from ..stats import PoolStats
 from .planning import Action, ObservedPod
 
+REDIS_FIGURES = ("busySlots", "queueDepth", "inFlight", "deadLetters", "utilization")
+"""Status figures read from the pool's Redis: null when it could not be read."""
+STATUS_KEYS = frozenset(
+    {"desiredSlots", "readySlots", "updatedSlots", "selector", "observedGeneration", "conditions"}
+    | set(REDIS_FIGURES)
+)
+"""Every key of the status this module writes."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -16,6 +30,10 @@ class Problem:
 
     reason: str
     message: str
+    retry: bool = True
+    """Whether kopf should retry soon (a Secret or a Redis that may come back);
+    False where only a change of the spec or of the cluster helps (the timer
+    still looks again)."""
 
 
 def condition(
@@ -96,8 +114,8 @@ def build_status(
     now: str,
     previous: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The whole status of a pool: slot counts, the Redis figures when known
-    (``stats``), and the three conditions."""
+    """The whole status of a pool: slot counts, the Redis figures (null when
+    ``stats`` is None: not known), and the three conditions."""
     ready = sum(1 for p in pods if p.index < slots and p.ready and not p.terminating)
     current = sum(
         1
@@ -110,6 +128,7 @@ def build_status(
         "updatedSlots": current,
         "selector": selector,
         "observedGeneration": generation,
+        **dict.fromkeys(REDIS_FIGURES),
     }
     if stats is not None:
         status.update(
@@ -118,8 +137,8 @@ def build_status(
             inFlight=sum(stats.inflight.values()),
             deadLetters=stats.dead_letters,
         )
-    if utilization is not None:
-        status["utilization"] = round(utilization, 4)
+        if utilization is not None:
+            status["utilization"] = round(utilization, 4)
     status["conditions"] = _conditions(
         slots=slots,
         ready=ready,
