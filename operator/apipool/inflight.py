@@ -138,10 +138,13 @@ class InFlight:
         else:
             await self.retrier.pause(self.retrier.refused_retry)
 
-    async def drop_oversize(self) -> None:
+    async def drop_oversize(self, *, only_if_any: bool = False) -> None:
         """Dead-letter every over-limit envelope in the list by its size and
         SHA-1, inside Redis: neither parsed nor sent back (an envelope over
-        Redis's proto-max-bulk-len could not even be an argument of a step)."""
+        Redis's proto-max-bulk-len could not even be an argument of a step).
+        ``only_if_any``: first look whether the list holds anything at all."""
+        if only_if_any and not await self.retrier.run("reading the in-flight list", self.length):
+            return
         step = self.proto.drop_oversize(self.slot)
         self.oversize_dropped(
             await self.retrier.run("dropping an over-limit envelope", lambda: step.arun(self.r))
@@ -152,10 +155,8 @@ class InFlight:
         """Count envelopes that Redis dead-lettered for their size while we took."""
         if count:
             log.warning("%d over-limit envelope(s) dead-lettered by size, unread", count)
-            metrics = self.metrics
-            for _ in range(count if metrics is not None else 0):
-                assert metrics is not None
-                metrics.outcome(Outcome.DEAD, cause="malformed")
+            if self.metrics is not None:
+                self.metrics.outcome(Outcome.DEAD, cause="malformed", count=count)
 
     def pop_next(self) -> bytes | None:
         """The job taken along with the last outcome, once; None when there is none."""
@@ -349,8 +350,7 @@ class InFlight:
         called the API, so each job costs an attempt (retried at the front, or
         dead-lettered after its last attempt). Run before the first take."""
         s = self.settings
-        if await self.retrier.run("reading the in-flight list", self.length):
-            await self.drop_oversize()
+        await self.drop_oversize(only_if_any=True)
         for raw in await self.retrier.run("reading the in-flight list", self.items) or []:
             outcome = recover(
                 raw,
@@ -380,7 +380,6 @@ class InFlight:
         if not self.maybe_stray:
             return
         self.maybe_stray = False
-        if await self.retrier.run("reading the in-flight list", self.length):
-            await self.drop_oversize()
+        await self.drop_oversize(only_if_any=True)
         for raw in await self.retrier.run("reading the in-flight list", self.items) or []:
             await self.hand_back(raw)

@@ -96,11 +96,13 @@ class SlotMetrics:
             registry=self.registry,
         ).labels(**labels)
 
-    def outcome(self, outcome: Outcome, *, cause: FailureCause | None = None) -> None:
-        """Count a job's outcome here, and why it failed when it did."""
-        self.calls.labels(outcome=outcome.value, **self._labels).inc()
+    def outcome(
+        self, outcome: Outcome, *, cause: FailureCause | None = None, count: int = 1
+    ) -> None:
+        """Count ``count`` jobs' outcome here, and why they failed when they did."""
+        self.calls.labels(outcome=outcome.value, **self._labels).inc(count)
         if cause is not None:
-            self.failures.labels(cause=cause, **self._labels).inc()
+            self.failures.labels(cause=cause, **self._labels).inc(count)
 
     def redis_error(self, kind: ErrorKind) -> None:
         """Count one Redis error of ``kind``."""
