@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast lint format demo bench image e2e crds crds-check compare clean
+.PHONY: help venv test test-fast lint format demo bench image e2e e2e-local crds crds-check compare clean
 
 help:
 	@echo "make demo   - local demo: pool of slots vs a connection-limited stand-in API"
@@ -15,6 +15,7 @@ help:
 	@echo "make compare - apipool vs dramatiq's ConcurrentRateLimiter vs a sorted-set semaphore, same chaos"
 	@echo "make image  - build the container image (needs a container engine)"
 	@echo "make crds   - copy crds/ (and the example worker) into charts/apipool"
+	@echo "make e2e-local - the Kubernetes path on this machine: API emulator, operator, local node (root)"
 	@echo "make e2e    - end-to-end tests on a kind cluster (needs Docker, kind and kubectl)"
 
 $(STAMP): pyproject.toml
@@ -60,6 +61,9 @@ IMAGE ?= apipool:dev
 
 image:
 	docker build -t $(IMAGE) .
+
+e2e-local: $(STAMP)
+	$(BIN)/python -m pytest -m e2e_local tests/e2e_local -s $(PYTEST_ARGS)
 
 e2e: $(STAMP)
 	APIPOOL_E2E_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m e2e tests/e2e $(PYTEST_ARGS)

@@ -9,5 +9,11 @@ asserted: a missed target does not fail the run. See docs/benchmarks.md.
 
 from __future__ import annotations
 
-BENCHMARKS = ("goodput", "chaos", "handoff", "overhead", "memory", "operator")
-"""Module names, in the order ``python -m bench`` runs them."""
+BENCHMARKS = ("goodput", "chaos", "handoff", "overhead", "memory", "operator", "operator-scale")
+"""Benchmark names, in the order ``python -m bench`` runs them: each is the name of
+a module here, a dash standing for an underscore."""
+
+
+def module_name(name: str) -> str:
+    """The module (in ``bench``) of a benchmark name."""
+    return name.replace("-", "_")

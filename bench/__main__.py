@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import BENCHMARKS
+from . import BENCHMARKS, module_name
 from .common import REPO_ROOT, Figures, Target, Value, machine
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "out" / "results.json"
@@ -70,7 +70,7 @@ def _plain(figures: Figures) -> dict[str, Value | None]:
 
 
 def run_one(name: str, *, quick: bool, seed: int) -> dict[str, Any]:
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{module_name(name)}")
     targets: dict[str, Target] = module.TARGETS
     started = time.monotonic()
     figures: Figures = module.run(quick=quick, seed=seed)

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, Self
 
 from apipool import defaults
 from apipool.settings import ENV_OWNER, ENV_REDIS_URL, HttpPolicy, Limits, SlotSettings, Timings
@@ -81,7 +81,71 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), **extra)
 
 
-class SlotSubprocess:
+class ChildProcess:
+    """A child process of the benchmark: started with its output in a temporary
+    file (shown when something goes wrong), stopped with SIGTERM, then SIGKILL
+    after ``stop_timeout`` seconds."""
+
+    what = "child process"
+
+    def __init__(self, cmd: list[str], env: dict[str, str], stop_timeout: float) -> None:
+        self.cmd = cmd
+        self.env = env
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        self._log = tempfile.TemporaryFile(prefix="apipool-bench-")  # noqa: SIM115 - stop()
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"the {self.what} has not been started")
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError with the process's log when it has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log()}")
+
+    def log(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class SlotSubprocess(ChildProcess):
     """``python -m apipool slot`` as a child process, stopped with SIGTERM on exit.
 
     Its command line is :meth:`SlotSettings.to_argv`; the Redis URL and the owner
@@ -89,6 +153,8 @@ class SlotSubprocess:
     ``--parent-pid`` so it also stops by itself if this process dies, and
     logs (WARNING and up) to a temporary file shown when something goes wrong.
     """
+
+    what = "slot process"
 
     def __init__(
         self,
@@ -121,63 +187,10 @@ class SlotSubprocess:
             health_port=0,
             parent_pid=os.getpid(),
         )
-        self.cmd = [sys.executable, "-m", "apipool", "--log-level", "WARNING"]
-        self.cmd += self.settings.to_argv()
-        self.stop_timeout = call_timeout + 10.0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def start(self) -> SlotSubprocess:
-        self._log = tempfile.TemporaryFile(prefix="apipool-bench-slot-")  # noqa: SIM115 - stop()
-        self.proc = subprocess.Popen(
-            self.cmd,
-            # The Redis URL and the owner travel in the environment, not on the command line.
-            env=subprocess_env(
-                **{ENV_REDIS_URL: self.settings.redis_url, ENV_OWNER: self.settings.owner}
-            ),
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("the slot process has not been started")
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        """Raise RuntimeError with the slot's log when it has exited."""
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"slot process exited with {self.proc.returncode}:\n{self.log()}")
-
-    def log(self) -> str:
-        if self._log is None:
-            return ""
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> SlotSubprocess:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+        cmd = [sys.executable, "-m", "apipool", "--log-level", "WARNING"]
+        # The Redis URL and the owner travel in the environment, not on the command line.
+        env = subprocess_env(**{ENV_REDIS_URL: redis_url, ENV_OWNER: self.settings.owner})
+        super().__init__(cmd + self.settings.to_argv(), env, call_timeout + 10.0)
 
 
 def machine() -> dict[str, str | int | None]:

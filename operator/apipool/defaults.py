@@ -38,6 +38,9 @@ LIVENESS_FAILURE_THRESHOLD: Final = 3
 LIVENESS_TIMEOUT: Final = 1
 """Kubernetes: the liveness probe's timeoutSeconds."""
 MAX_UNAVAILABLE: Final = 1
+API_IDLE_TIMEOUT: Final = 60
+"""Seconds the external API is taken to keep an idle connection open (a slot pod
+that vanished while running is replaced only after its lease TTL plus this)."""
 """Kubernetes: slots replaced at once during a rolling replacement."""
 HANDLER: Final = "http"
 """The handler a pool serves when none is named."""

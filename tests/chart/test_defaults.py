@@ -33,6 +33,7 @@ POOL_DEFAULTS: dict[str, Any] = {
     "maxResponseBytes": defaults.MAX_RESPONSE_BYTES,
     "maxDeadLetters": defaults.MAX_DEAD_LETTERS,
     "allowRedisEviction": False,
+    "apiIdleTimeoutSeconds": defaults.API_IDLE_TIMEOUT,
 }
 """Every pool setting of the spec that has a default, by its spec name."""
 NOT_SPEC_DEFAULTS = {"enabled", "name", "slots", "image", "extraHandlers", "template", "http"}

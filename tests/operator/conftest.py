@@ -114,8 +114,8 @@ def make_rbac(mode: str | Rbac | None) -> Rbac | None:
     raise ValueError(f"unknown RBAC mode {mode!r}")
 
 
-def write_kubeconfig(url: str, token: str | None = None) -> None:
-    """Point the kubeconfig at the emulator; with ``token``, its user presents it."""
+def write_kubeconfig(url: str, token: str | None = None, path: Path = KUBECONFIG) -> None:
+    """Point the kubeconfig (``path``) at the emulator; with ``token``, its user presents it."""
     user = f"{{token: {token}}}" if token else "{}"
     text = (
         "apiVersion: v1\n"
@@ -129,9 +129,9 @@ def write_kubeconfig(url: str, token: str | None = None) -> None:
         f"    namespace: {NAMESPACE}\n"
         "current-context: emulator\n"
     )
-    tmp = KUBECONFIG.with_suffix(".tmp")
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
-    tmp.replace(KUBECONFIG)
+    tmp.replace(path)
 
 
 def import_operator_modules() -> dict[str, ModuleType]:

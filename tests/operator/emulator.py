@@ -59,14 +59,12 @@ thread behind a real HTTP port and offers blocking helpers to the tests.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import datetime
 import json
 import re
 import secrets
 import string
-import threading
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
@@ -77,6 +75,8 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+
+from apipool.testing.loop_thread import LoopThread
 
 from .emulator_admission import Refusal, admit
 from .emulator_rbac import ADMIN, Attributes, Rbac, owner_reference_checks, request_verb
@@ -124,8 +124,10 @@ GONE = {
 }
 
 
-def now_text() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_text(after: float = 0.0) -> str:
+    """The time (``after`` seconds from now) as the API writes it."""
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=after)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -285,6 +287,13 @@ class Emulator(kmock.KubernetesEmulator):
     """Seconds a deleted pod stays Terminating; None: until finish_deletion()."""
     auto_ready: float | None = 0.0
     """Seconds until a new pod is Running and Ready; None: never by itself."""
+    node_runs_pods: bool = False
+    """A node (``apipool.testing.node``) runs the pods, as on a cluster: a pod
+    is bound to it (``pods/binding``), the node writes its status, and a
+    graceful delete keeps a bound pod Terminating (its ``deletionGracePeriodSeconds``
+    the request's or the pod's ``terminationGracePeriodSeconds``) until the node
+    has killed its containers and deletes it with grace 0; an unbound pod goes at
+    once. ``pod_grace`` and ``auto_ready`` do not apply."""
     scale_paths: dict[kmock.resource, tuple[str, str, str]] = attrs.field(
         factory=lambda: {POOLS: (".spec.slots", ".status.readySlots", ".status.selector")}
     )
@@ -472,7 +481,7 @@ class Emulator(kmock.KubernetesEmulator):
         if is_dry_run(request):
             return obj  # validated and admitted, never stored
         stored = await self._store(key, obj, "ADDED")
-        if resource == PODS and self.auto_ready is not None:
+        if resource == PODS and self.auto_ready is not None and not self.node_runs_pods:
             uid = meta["uid"]
 
             async def kubelet() -> None:
@@ -609,6 +618,14 @@ class Emulator(kmock.KubernetesEmulator):
                 self._in_grace.discard(key)
                 return await self._settle(key) or old
             return old
+        if key[0] == PODS and self.node_runs_pods:
+            if grace is None:
+                grace = float((old.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+            if not (old.get("spec") or {}).get("nodeName"):
+                grace = 0.0  # no kubelet to wait for
+            if (old.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                grace = 0.0  # nothing left running (the pod strategy's rule)
+            return await self._delete_on_node(key, old, grace)
         if grace is None:
             grace = self.pod_grace if key[0] == PODS else 0.0
             if grace is None:
@@ -616,7 +633,9 @@ class Emulator(kmock.KubernetesEmulator):
         if grace == 0 and not meta.get("finalizers"):
             return await self._remove(key)
         new = copy.deepcopy(old)
-        new["metadata"]["deletionTimestamp"] = now_text()
+        # A pod's deletionTimestamp is when it should be gone: now + its grace.
+        after = max(0.0, grace) if key[0] == PODS else 0.0
+        new["metadata"]["deletionTimestamp"] = now_text(after)
         if key[0] == PODS and grace != 0:
             self._in_grace.add(key)
             new["metadata"]["deletionGracePeriodSeconds"] = max(0, int(grace))
@@ -629,6 +648,60 @@ class Emulator(kmock.KubernetesEmulator):
                 self._spawn(self._later(grace, end_of_grace))
         stored = await self._store(key, new, "MODIFIED")
         return await self._settle(key) or stored
+
+    async def _delete_on_node(self, key: Key, old: dict[str, Any], grace: float) -> dict[str, Any]:
+        """A pod's deletion when a node runs it: Terminating until the node deletes
+        it with grace 0 (or someone forces it). A deletion with grace 0 takes the
+        API server's two steps: the object is marked (``deletionGracePeriodSeconds``
+        0: a kubelet that still runs it kills with its minimum grace), then removed."""
+        if grace == 0 and not old["metadata"].get("finalizers"):
+            marked = copy.deepcopy(old)
+            marked["metadata"]["deletionTimestamp"] = now_text()
+            marked["metadata"]["deletionGracePeriodSeconds"] = 0
+            await self._store(key, marked, "MODIFIED")
+            return await self._remove(key)
+        new = copy.deepcopy(old)
+        new["metadata"]["deletionTimestamp"] = now_text(grace)
+        new["metadata"]["deletionGracePeriodSeconds"] = max(0, int(grace))
+        if grace != 0:
+            self._in_grace.add(key)  # until the kubelet confirms; finalizers aside
+        stored = await self._store(key, new, "MODIFIED")
+        return await self._settle(key) or stored
+
+    async def _bind(self, request: kmock.Request) -> dict[str, Any]:
+        """``POST pods/<name>/binding``: assign the pod to a node, once."""
+        assert request.resource is not None
+        assert request.name is not None
+        key: Key = (request.resource, request.namespace, request.name)
+        old = self.current(*key)
+        if old is None:
+            raise _error(404, "NotFound", f'pods "{request.name}" not found')
+        body = request.data if isinstance(request.data, Mapping) else {}
+        node = (body.get("target") or {}).get("name")
+        if not node:
+            raise _error(400, "BadRequest", "a Binding needs target.name")
+        if (old.get("spec") or {}).get("nodeName"):
+            raise _error(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on pods/binding "{request.name}": '
+                f"pod {request.name} is already assigned to node "
+                f'"{old["spec"]["nodeName"]}"',
+            )
+        if old["metadata"].get("deletionTimestamp"):
+            raise _error(
+                409, "Conflict", f"pod {request.name} is being deleted, cannot be assigned"
+            )
+        new = copy.deepcopy(old)
+        new["spec"]["nodeName"] = node
+        status = new.setdefault("status", {})
+        conditions = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        conditions.append(
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_text()}
+        )
+        status["conditions"] = conditions
+        await self._store(key, new, "MODIFIED")
+        return {"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201}
 
     async def _finish(self, key: Key, uid: str | None = None) -> bool:
         obj = self.current(*key)
@@ -734,6 +807,15 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> Any:
         user = self.authorize(request)
+        if (
+            request.resource == PODS
+            and request.name is not None
+            and request.subresource == "binding"
+            and str(request.method).upper().endswith("POST")
+        ):
+            async with self._lock:
+                bound = await self._bind(request)
+            return await kmock.Response(status=201, payload=bound)(request)
         if request.resource is not None and request.action in MUTATING:
             async with self._lock:
                 if request.action == kmock.action.CREATE:
@@ -744,7 +826,10 @@ class Emulator(kmock.KubernetesEmulator):
                     assert request.name is not None
                     options = request.data if isinstance(request.data, Mapping) else {}
                     grace = options.get("gracePeriodSeconds")
+                    if grace is None:  # DeleteOptions may come as query parameters too
+                        grace = request.params.get("gracePeriodSeconds")
                     key: Key = (request.resource, request.namespace, request.name)
+                    self._check_preconditions(key, options)
                     if is_dry_run(request):
                         answer = self.current(*key)
                         if answer is None:
@@ -755,6 +840,24 @@ class Emulator(kmock.KubernetesEmulator):
             self._answers[request.id] = answer
         # Serve through kmock's reactions and fallbacks, skipping the parent's own bookkeeping.
         return await super(kmock.KubernetesEmulator, self)._handle(request)
+
+    def _check_preconditions(self, key: Key, options: Mapping[str, Any]) -> None:
+        """DeleteOptions.preconditions: a UID or resourceVersion that no longer
+        matches answers 409 Conflict (the object is someone else now)."""
+        wanted = options.get("preconditions") or {}
+        current = self.current(*key)
+        if current is None or not wanted:
+            return
+        meta = current["metadata"]
+        for field in ("uid", "resourceVersion"):
+            if wanted.get(field) not in (None, meta.get(field)):
+                raise _error(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {key[0].plural} "{key[2]}": '
+                    f"Precondition failed: {field} in precondition: {wanted[field]}, "
+                    f"{field} in object meta: {meta.get(field)}",
+                )
 
     def _take_answer(self, request: kmock.Request) -> dict[str, Any]:
         return self._answers.pop(request.id)
@@ -910,65 +1013,47 @@ class Emulator(kmock.KubernetesEmulator):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class EmulatorThread:
+class EmulatorThread(LoopThread):
     """An :class:`Emulator` behind an HTTP server on 127.0.0.1, in its own thread and
     event loop, with blocking helpers for the tests."""
 
-    def __init__(self, **options: Any) -> None:
+    what = "the Kubernetes emulator"
+
+    def __init__(self, *, emulator_class: type[Emulator] | None = None, **options: Any) -> None:
+        super().__init__("kube-emulator")
+        self.emulator_class = emulator_class or Emulator
+        """The emulator served (a subclass that counts, say)."""
         self.options = options
-        self.loop = asyncio.new_event_loop()
         self.emulator: Emulator | None = None
         self.port = 0
-        self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="kube-emulator", daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._serve())
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._ready.set()
-            self.loop.close()
-
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with Emulator(**self.options) as emulator, kmock.Server(emulator) as server:
+        async with (
+            self.emulator_class(**self.options) as emulator,
+            kmock.Server(emulator) as server,
+        ):
             self.emulator = emulator
             self.port = server.port
-            self._ready.set()
+            self._serving()
             try:
                 await self._stop.wait()
             finally:
                 await emulator.shutdown()
 
-    def start(self, timeout: float = 10.0) -> EmulatorThread:
-        self._thread.start()
-        if not self._ready.wait(timeout) or self.emulator is None:
-            raise RuntimeError(f"the Kubernetes emulator did not start: {self._error!r}")
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._stop is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise RuntimeError("the Kubernetes emulator did not stop")
+    def _stopping(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
     def call(self, fn: Callable[[Emulator], Coroutine[Any, Any, T]], timeout: float = 5.0) -> T:
         """Run ``fn(emulator)`` on the emulator's loop and wait for its result."""
         assert self.emulator is not None
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            fn(self.emulator), self.loop
-        )
-        return future.result(timeout)
+        return self.run_on_loop(fn(self.emulator), timeout)
 
     # Blocking shortcuts ----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from apipool.operator.spec import (
     GROUP,
     HANDLER,
     KIND,
+    MAX_API_IDLE_TIMEOUT,
     MAX_LIMIT_BYTES,
     MAX_LIST_ITEMS,
     MAX_SLOTS,
@@ -61,6 +62,7 @@ SPEC_FIELDS = frozenset(
         "maxQueueLength",
         "liveness",
         "maxUnavailable",
+        "apiIdleTimeoutSeconds",
         "template",
         "maxEnvelopeBytes",
         "maxResultBytes",
@@ -92,6 +94,7 @@ FULL: dict[str, Any] = {
     "maxQueueLength": 1000,
     "liveness": {"periodSeconds": 2, "failureThreshold": 2, "timeoutSeconds": 1},
     "maxUnavailable": 2,
+    "apiIdleTimeoutSeconds": 30,
     "maxEnvelopeBytes": 65536,
     "maxResultBytes": 32768,
     "maxResponseBytes": 1 << 20,
@@ -341,6 +344,8 @@ def test_bounds(spec_schema: dict[str, Any]) -> None:
         ), name
     assert (props["maxDeadLetters"]["type"], props["maxDeadLetters"]["minimum"]) == ("integer", 0)
     assert props["allowRedisEviction"]["type"] == "boolean"
+    idle = props["apiIdleTimeoutSeconds"]
+    assert (idle["type"], idle["minimum"], idle["maximum"]) == ("integer", 0, MAX_API_IDLE_TIMEOUT)
     http = props["http"]["properties"]
     for name in ("allowUrls", "redactHeaders"):
         assert (http[name]["type"], http[name]["maxItems"]) == ("array", MAX_LIST_ITEMS), name
@@ -355,6 +360,7 @@ CRD_DEFAULTS: dict[str, Any] = {
     "resultTtlSeconds": defaults.RESULT_TTL,
     "maxQueueLength": defaults.MAX_QUEUE_LENGTH,
     "maxUnavailable": defaults.MAX_UNAVAILABLE,
+    "apiIdleTimeoutSeconds": defaults.API_IDLE_TIMEOUT,
     "liveness": {},
     "maxEnvelopeBytes": defaults.MAX_ENVELOPE_BYTES,
     "maxResultBytes": defaults.MAX_RESULT_BYTES,
@@ -418,6 +424,7 @@ def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
             defaults.LIVENESS_PERIOD, defaults.LIVENESS_FAILURE_THRESHOLD, defaults.LIVENESS_TIMEOUT
         ),
         max_unavailable=defaults.MAX_UNAVAILABLE,
+        api_idle_timeout_seconds=defaults.API_IDLE_TIMEOUT,
         max_envelope_bytes=defaults.MAX_ENVELOPE_BYTES,
         max_result_bytes=defaults.MAX_RESULT_BYTES,
         max_response_bytes=defaults.MAX_RESPONSE_BYTES,
@@ -638,6 +645,7 @@ def test_status_schema(schema: dict[str, Any], version: dict[str, Any]) -> None:
         "observedGeneration",
         "selector",
         "conditions",
+        "quarantinedSlots",
     }
     assert (status["utilization"]["minimum"], status["utilization"]["maximum"]) == (0, 1)
     assert status["selector"]["type"] == "string"

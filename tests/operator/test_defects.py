@@ -382,7 +382,10 @@ class BlockingKube:
         if self.reads == 1:
             self.entered.set()
             assert self.release.wait(10)
-        return None  # gone: nothing else is called
+        return None  # gone: only its slot pods are looked at
+
+    def slot_pods(self, namespace: str, pool: str) -> list[object]:
+        return []
 
 
 @pytest.mark.unit

@@ -227,6 +227,13 @@ def test_a_template_change_replaces_one_pod_at_a_time(
         cluster.wait_reconciles(pool, count=1)
         assert cluster.pod_names(pool, terminating=True) == [going]
         assert len(cluster.pods(pool)) == n
+        # No container of it is known to run: the operator lets its name go
+        # (the slot-exit finalizer), and the object goes at the end of its grace.
+        wait_for(
+            lambda g=going: not cluster.pods(pool)[g]["metadata"].get("finalizers"),
+            5,
+            what=f"{going} released",
+        )
         assert kube.finish_deletion(going)
         wait_for(
             lambda g=going: (
@@ -377,11 +384,16 @@ def test_a_restarted_operator_resumes_without_duplicates(
     before = uids(cluster, pool)
 
     operator.stop()
-    # Nothing tends the pool while the operator is down.
+    # Nothing tends the pool while the operator is down: the deleted pod stays
+    # Terminating (its slot-exit finalizer is the operator's to remove).
     cluster.patch_spec(pool, slots=4)
     cluster.delete_pod(f"{pool}-slot-1")
-    wait_for(lambda: f"{pool}-slot-1" not in cluster.pods(pool), 3, what="the pod gone")
-    assert len(cluster.pods(pool)) == 2
+    wait_for(
+        lambda: cluster.pod_names(pool, terminating=True) == [f"{pool}-slot-1"],
+        3,
+        what="the pod Terminating",
+    )
+    assert len(cluster.pods(pool)) == 3
 
     since = cluster.mark()
     operator.start()

@@ -141,10 +141,11 @@ seccompProfile:
   resources: [apiconcurrencypools/status]
   verbs: [get, patch]
 # Slot pods: observed, created when missing, deleted when surplus or out of
-# date; never modified in place.
+# date; patched only to remove their own slot-exit finalizer once the process
+# is known gone.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, delete, patch]
 # The Secret named in spec.redis.secretRef, read by name only (no list/watch).
 - apiGroups: [""]
   resources: [secrets]

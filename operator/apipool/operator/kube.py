@@ -26,7 +26,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from ..errors import ApipoolError
-from .manifests import LABEL_HASH, LABEL_POOL, selector, slot_index
+from .manifests import FINALIZER, LABEL_HASH, LABEL_POOL, selector, slot_index
 from .planning import ObservedPod
 from .spec import GROUP, PLURAL, VERSION, PoolSpec
 
@@ -86,6 +86,8 @@ def _observed(pool: str, pod: Any) -> ObservedPod | None:
     index = slot_index(pool, meta.name)
     if index is None or labels.get(LABEL_POOL) != pool:
         return None  # not ours, whatever the API server's label filtering did
+    finalizers = list(meta.finalizers or [])
+    statuses = (pod.status.container_statuses if pod.status else None) or []
     return ObservedPod(
         index=index,
         name=meta.name,
@@ -93,6 +95,10 @@ def _observed(pool: str, pod: Any) -> ObservedPod | None:
         phase=(pod.status.phase if pod.status else None) or "Pending",
         ready=_is_ready(pod),
         terminating=meta.deletion_timestamp is not None,
+        uid=meta.uid or "",
+        running=any(s.state is not None and s.state.running is not None for s in statuses),
+        finalizer_index=finalizers.index(FINALIZER) if FINALIZER in finalizers else None,
+        deleted_at=meta.deletion_timestamp.timestamp() if meta.deletion_timestamp else None,
     )
 
 
@@ -224,6 +230,23 @@ class KubeApi:
             raise
         except (ValueError, TypeError) as exc:  # the client's validation of the request
             raise PodRefused(f"pod {name} refused by the Kubernetes client: {exc}") from exc
+
+    def release_pod(self, namespace: str, name: str, uid: str, index: int) -> bool:
+        """Remove the slot-exit finalizer (at ``index`` of the pod's finalizers)
+        of pod ``uid``; False when the pod is gone, is another pod now, or its
+        finalizers changed meanwhile (the next reconcile looks again)."""
+        patch = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+            {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+        ]
+        try:
+            self.core.patch_namespaced_pod(name, namespace, patch)
+        except ApiException as exc:
+            if exc.status in (404, 409, 422):
+                return False
+            raise api_error(f"releasing {name}", exc) from exc
+        return True
 
     def delete_pod(self, namespace: str, name: str) -> bool:
         """Delete a pod (gracefully); False when it was gone already."""

@@ -26,6 +26,9 @@ ENV_POD_UID = "APIPOOL_POD_UID"
 OWNER = f"k8s-pod-$({ENV_POD_UID})"
 """The slot's owner: its pod (the kubelet expands the UID), so that a restarted
 container of the same pod takes its predecessor's lease over at once."""
+FINALIZER = "apipool.dev/slot-exit"
+"""Every slot pod carries it: the pod's name stays taken until the operator knows
+its process is gone (operator/quarantine.py)."""
 LABEL_POOL = "apipool.dev/pool"
 LABEL_SLOT = "apipool.dev/slot"
 LABEL_HASH = "apipool.dev/template-hash"
@@ -235,6 +238,7 @@ def slot_pod(spec: PoolSpec, pool: str, namespace: str, index: int) -> dict[str,
             "namespace": namespace,
             "labels": labels,
             "annotations": annotations,
+            "finalizers": [FINALIZER],
         },
         "spec": _pod_spec(spec, pool, index),
     }

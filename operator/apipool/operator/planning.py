@@ -12,6 +12,11 @@ an unreachable node):
    only while fewer than ``max_unavailable`` slots ``< N`` are unavailable
    (missing, terminating or not ready); rule 1 recreates each once it is gone.
 5. A pod that is already terminating is left alone: its name is not free yet.
+6. A terminating pod that still carries the slot-exit finalizer is released
+   (the finalizer removed, so the API server can remove it and rule 1 can
+   recreate its slot) once its last status shows no container running, or
+   once ``exit_hold`` seconds have passed since its ``deletionTimestamp``
+   (quarantine.py says why).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class Desired:
     slots: int
     template_hash: str
     max_unavailable: int = 1
+    now: float = 0.0
+    """Wall-clock time (epoch seconds) of the observation."""
+    exit_hold: float = 0.0
+    """Seconds after its deletionTimestamp that a pod whose container still runs
+    keeps its name (the lease TTL + the API's idle timeout)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,13 @@ class ObservedPod:
     phase: str = "Pending"
     ready: bool = False
     terminating: bool = False
+    uid: str = ""
+    running: bool = False
+    """Its last status shows a container running."""
+    finalizer_index: int | None = None
+    """Where the slot-exit finalizer is in its finalizers (None: not there)."""
+    deleted_at: float | None = None
+    """Its deletionTimestamp (epoch seconds): when it should be gone."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +70,42 @@ class Delete:
     reason: str
 
 
-Action = Create | Delete
+@dataclass(frozen=True)
+class Release:
+    """Remove the slot-exit finalizer of a terminating pod."""
+
+    index: int
+    name: str
+    uid: str
+    finalizer_index: int
+    reason: str
+
+
+Action = Create | Delete | Release
 
 
 def _available(pod: ObservedPod | None) -> bool:
     return (
         pod is not None and pod.ready and not pod.terminating and pod.phase not in FINISHED_PHASES
     )
+
+
+def _release(desired: Desired, pod: ObservedPod) -> Release | None:
+    """Rule 6: a terminating pod's finalizer goes once its process is known gone."""
+    if not pod.terminating or pod.finalizer_index is None:
+        return None
+    if not pod.running:
+        why = "no container running"
+    elif pod.deleted_at is not None and desired.now >= pod.deleted_at + desired.exit_hold:
+        why = f"held {desired.exit_hold:g} s past its deletion"
+    else:
+        return None
+    return Release(pod.index, pod.name, pod.uid, pod.finalizer_index, why)
+
+
+def releases(desired: Desired, pods: Iterable[ObservedPod]) -> list[Release]:
+    """Rule 6 alone: the terminating pods whose finalizer can go now."""
+    return [r for p in pods if (r := _release(desired, p)) is not None]
 
 
 def plan(desired: Desired, observed: Iterable[ObservedPod]) -> list[Action]:
@@ -69,7 +115,7 @@ def plan(desired: Desired, observed: Iterable[ObservedPod]) -> list[Action]:
         # Two objects for one index cannot exist (one name); keep the first seen.
         pods.setdefault(pod.index, pod)
     n = desired.slots
-    actions: list[Action] = []
+    actions: list[Action] = list(releases(desired, pods.values()))
 
     for index in sorted((i for i in pods if i >= n), reverse=True):
         extra = pods[index]

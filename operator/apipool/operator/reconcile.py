@@ -11,6 +11,13 @@
    stats and ``INFO memory`` read;
 4. :meth:`~Reconciler.report`: an Event for a new problem, and the status.
 
+Every slot pod carries the slot-exit finalizer; a terminating pod's is removed
+once its process is known gone (planning rule 6, quarantine.py). A slot whose
+deleted pod's container still runs past its deletion time is quarantined:
+``status.quarantinedSlots`` lists it and a Warning Event ``SlotQuarantined``
+says when it comes back. Pods of a pool that is gone are released at once (no
+replacement will be made).
+
 Reconciles of one pool never overlap in this process, and a slot pod's event
 that arrives while one runs does not start another: the running one runs once
 more at its end (:meth:`Reconciler.nudge`).
@@ -33,6 +40,7 @@ as ``kopf.TemporaryError``.
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,8 +57,19 @@ from . import redis_ops
 from .config import OperatorSettings
 from .kube import KubeApi, PodRefused, label_selector, load_config
 from .manifests import slot_pod, template_hash
-from .planning import TEMPLATE_CHANGED, Action, Create, Delete, Desired, ObservedPod, plan
+from .planning import (
+    TEMPLATE_CHANGED,
+    Action,
+    Create,
+    Delete,
+    Desired,
+    ObservedPod,
+    Release,
+    plan,
+    releases,
+)
 from .pool_state import PoolKey, PoolState, PoolStates
+from .quarantine import hold_seconds, quarantined, to_status
 from .spec import InvalidSpec, PoolSpec, parse_spec
 from .status import Problem, build_status
 
@@ -101,6 +120,8 @@ class Observation:
     redis_url: str | None = None
     """None: not known (``problem`` says why, unless the spec is invalid)."""
     problem: Problem | None = None
+    now: float = 0.0
+    """Wall-clock time (epoch seconds) of the observation."""
 
     @property
     def namespace(self) -> str:
@@ -144,12 +165,14 @@ class Reconciler:
         kube: KubeApi | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], str] = utc_now,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.kube = kube if kube is not None else KubeApi()
         self.states = PoolStates()
         self._clock = clock
         self._now = now
+        self._wall = wall
 
     def connect(self) -> None:
         """Load the client configuration; API calls from now on use it."""
@@ -185,6 +208,7 @@ class Reconciler:
                 body = self.kube.read_pool(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     self.states.forget(key)
+                    self._release_all(namespace, name)
                 else:
                     self._reconcile(body, state, retry_problems=retry_problems)
             except kopf.TemporaryError:
@@ -200,7 +224,15 @@ class Reconciler:
         let the garbage collector do it, later) and forget the pool."""
         for pod in self.kube.slot_pods(namespace, name):
             self.kube.delete_pod(namespace, pod.name)
+        self._release_all(namespace, name)
         self.states.forget((namespace, name))
+
+    def _release_all(self, namespace: str, name: str) -> None:
+        """The pool is gone: no slot will be recreated, so no terminating pod of
+        it needs to keep its name; remove their slot-exit finalizers."""
+        for pod in self.kube.slot_pods(namespace, name):
+            if pod.terminating and pod.finalizer_index is not None:
+                self.kube.release_pod(namespace, pod.name, pod.uid, pod.finalizer_index)
 
     def _reconcile(
         self, body: Mapping[str, Any], state: PoolState, *, retry_problems: bool
@@ -224,25 +256,37 @@ class Reconciler:
         except InvalidSpec as exc:
             return Observation(body, pods, None, problem=Problem("InvalidSpec", str(exc)))
         digest = template_hash(spec, name)
+        now = self._wall()
         try:
             url = self.kube.redis_url(namespace, spec)
         except ApipoolError as exc:
-            return Observation(
-                body, pods, spec, digest, problem=Problem("RedisSecretMissing", str(exc))
-            )
-        return Observation(body, pods, spec, digest, redis_url=url)
+            problem = Problem("RedisSecretMissing", str(exc))
+            return Observation(body, pods, spec, digest, problem=problem, now=now)
+        return Observation(body, pods, spec, digest, redis_url=url, now=now)
 
     def plan(self, seen: Observation) -> PoolPlan:
-        """The pod actions; with a problem only scale-down runs (without the
-        Secret new pods could not start, and fewer calls is always safe)."""
+        """The pod actions; with a problem only scale-down and releases run (without
+        the Secret new pods could not start, and fewer calls is always safe)."""
         spec = seen.spec
         if spec is None:
-            return PoolPlan()  # invalid until the spec changes: existing slots stay
-        actions = plan(Desired(spec.slots, seen.template_hash, spec.max_unavailable), seen.pods)
+            # Invalid until the spec changes: existing slots stay; a deleted pod
+            # whose process is known gone still frees its name.
+            freed = releases(Desired(0, "", now=seen.now, exit_hold=math.inf), seen.pods)
+            return PoolPlan(list(freed), list(freed))
+        desired = Desired(
+            spec.slots,
+            seen.template_hash,
+            spec.max_unavailable,
+            now=seen.now,
+            exit_hold=hold_seconds(spec),
+        )
+        actions = plan(desired, seen.pods)
         allowed = [
             a
             for a in actions
-            if seen.problem is None or (isinstance(a, Delete) and a.index >= spec.slots)
+            if seen.problem is None
+            or isinstance(a, Release)  # frees a name; creating is what a problem stops
+            or (isinstance(a, Delete) and a.index >= spec.slots)
         ]
         return PoolPlan(actions, allowed)
 
@@ -251,6 +295,9 @@ class Reconciler:
         refused pod stops the pod actions; the refusal is the problem reported."""
         spec = seen.spec
         if spec is None:
+            for action in todo.allowed:
+                if isinstance(action, Release):
+                    self._release(seen.namespace, action)
             return Applied()
         refused = self._act_all(seen, spec, todo.allowed)
         if seen.redis_url is None:
@@ -280,8 +327,30 @@ class Reconciler:
         )
         if spec is None:
             status["desiredSlots"] = (seen.body.get("spec") or {}).get("slots")
+        else:
+            held = quarantined(seen.pods, seen.now)
+            status["quarantinedSlots"] = to_status(held, hold_seconds(spec))
+            self._announce_quarantine(seen, held, hold_seconds(spec))
         self.kube.write_status(seen.namespace, seen.name, status)
         return problem
+
+    def _announce_quarantine(self, seen: Observation, held: list[ObservedPod], hold: float) -> None:
+        """A Warning Event for each pod newly quarantined (not in the status yet)."""
+        before = {
+            q.get("pod") for q in (seen.body.get("status") or {}).get("quarantinedSlots") or []
+        }
+        for pod in held:
+            if f"{pod.name}/{pod.uid}" in before:
+                continue
+            wait = max(0.0, (pod.deleted_at or 0.0) + hold - seen.now)
+            message = (
+                f"pod {pod.name} was deleted but its container still runs as far as the "
+                f"API knows (force-deleted, or its node is lost): slot {pod.index} is "
+                f"recreated when the kubelet reports it stopped, or in {wait:.0f} s, "
+                "when its lease has expired and the API has closed the old connection "
+                "(spec.apiIdleTimeoutSeconds)"
+            )
+            kopf.warn(_body(seen.body), reason="SlotQuarantined", message=message)
 
     # -- the parts of apply and report -------------------------------------------------
 
@@ -317,7 +386,9 @@ class Reconciler:
 
     def _act(self, body: Mapping[str, Any], spec: PoolSpec, action: Action) -> None:
         namespace = body["metadata"]["namespace"]
-        if isinstance(action, Create):
+        if isinstance(action, Release):
+            self._release(namespace, action)
+        elif isinstance(action, Create):
             manifest = self._manifest(body, spec, action.index)
             if self.kube.create_pod(namespace, manifest):
                 ACTIONS.labels("create").inc()
@@ -327,6 +398,10 @@ class Reconciler:
             ACTIONS.labels("delete").inc()
             message = f"deleted {action.name}: {action.reason}"
             kopf.info(_body(body), reason="SlotDeleted", message=message)
+
+    def _release(self, namespace: str, action: Release) -> None:
+        if self.kube.release_pod(namespace, action.name, action.uid, action.finalizer_index):
+            ACTIONS.labels("release").inc()
 
     def _sync_redis(self, seen: Observation, spec: PoolSpec, url: str, state: PoolState) -> Applied:
         """Publish N and the queue bound, reap removed slots, read the stats, and

@@ -40,6 +40,7 @@ HTTP_FIELDS = frozenset({"allowUrls", "followRedirects", "redactHeaders"})
 DEFAULT_SECRET_KEY = "url"
 """The key of the Redis URL in the pool's Secret when spec.redis.secretRef.key is left out."""
 RESERVED_ENV_PREFIX = "APIPOOL_"
+MAX_API_IDLE_TIMEOUT = 3600
 SPEC_FIELDS = frozenset(
     {
         "slots",
@@ -54,6 +55,7 @@ SPEC_FIELDS = frozenset(
         "maxQueueLength",
         "liveness",
         "maxUnavailable",
+        "apiIdleTimeoutSeconds",
         "template",
         "maxEnvelopeBytes",
         "maxResultBytes",
@@ -115,6 +117,7 @@ class PoolSpec:
     max_queue_length: int = defaults.MAX_QUEUE_LENGTH
     liveness: Liveness = field(default_factory=Liveness)
     max_unavailable: int = defaults.MAX_UNAVAILABLE
+    api_idle_timeout_seconds: int = defaults.API_IDLE_TIMEOUT
     template: Mapping[str, Any] = field(default_factory=dict)
     max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
     max_result_bytes: int = defaults.MAX_RESULT_BYTES
@@ -353,6 +356,10 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
     max_attempts = _at_least(spec, "maxAttempts", 1, defaults.MAX_ATTEMPTS)
     max_queue = _at_least(spec, "maxQueueLength", 0, defaults.MAX_QUEUE_LENGTH)
     max_unavailable = _at_least(spec, "maxUnavailable", 1, defaults.MAX_UNAVAILABLE)
+    idle = _at_least(spec, "apiIdleTimeoutSeconds", 0, defaults.API_IDLE_TIMEOUT)
+    if idle > MAX_API_IDLE_TIMEOUT:
+        limit = MAX_API_IDLE_TIMEOUT
+        raise InvalidSpec(f"spec.apiIdleTimeoutSeconds must be <= {limit}, not {idle}")
     heartbeat = _get(spec, "heartbeatIntervalSeconds", (int, float), defaults.HEARTBEAT_INTERVAL)
     result_ttl = _get(spec, "resultTtlSeconds", int, defaults.RESULT_TTL)
     return PoolSpec(
@@ -369,6 +376,7 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         max_queue_length=max_queue,
         liveness=liveness,
         max_unavailable=max_unavailable,
+        api_idle_timeout_seconds=idle,
         template=template,
         max_envelope_bytes=_size_limit(spec, "maxEnvelopeBytes", defaults.MAX_ENVELOPE_BYTES),
         max_result_bytes=_size_limit(spec, "maxResultBytes", defaults.MAX_RESULT_BYTES),

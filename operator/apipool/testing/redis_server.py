@@ -82,8 +82,12 @@ class RedisServer:
         appendonly: bool = False,
         workdir: str | None = None,
         binary: str = "redis-server",
+        bind: tuple[str, ...] = ("127.0.0.1",),
     ) -> None:
         self._port = port if port is not None else free_port()
+        self.bind = bind
+        """Addresses it listens on (127.0.0.1 first, always; others for pods in
+        network namespaces of their own)."""
         self.appendonly = appendonly
         self.binary = binary
         self._workdir = Path(workdir) if workdir is not None else None
@@ -100,7 +104,11 @@ class RedisServer:
     @property
     def url(self) -> str:
         """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self._port}/0"
+        return self.url_at("127.0.0.1")
+
+    def url_at(self, host: str) -> str:
+        """The URL through one of the addresses it listens on."""
+        return f"redis://{host}:{self._port}/0"
 
     @property
     def running(self) -> bool:
@@ -120,7 +128,7 @@ class RedisServer:
     def _command(self, executable: str, workdir: Path) -> list[str]:
         cmd = [
             executable,
-            "--bind", "127.0.0.1",
+            "--bind", *dict.fromkeys(("127.0.0.1", *self.bind)),
             "--port", str(self._port),
             "--protected-mode", "no",
             "--daemonize", "no",

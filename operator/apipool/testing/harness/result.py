@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from ...layout import PoolKeys
 from ...supervisor import SlotEvent
 from ..standin import OverLimitEvent, StandInStats
 from .scenario import Scenario
@@ -161,6 +162,21 @@ class OutcomeTally:
             self.call_starts.setdefault(int(doc["slot"]), []).append(doc["started_at"])
         if doc["status"] == "dead" and len(self.dead_reasons) < MAX_DEAD_REASONS:
             self.dead_reasons.append(str(doc.get("error")))
+
+    @staticmethod
+    def queue_reads(pipe: Any, keys: PoolKeys, chunk: Sequence[str]) -> None:
+        """Queue on a pipeline (blocking or asyncio) what :meth:`add_reads` needs
+        of each job of ``chunk``: its result list's length and oldest entry."""
+        for job_id in chunk:
+            pipe.llen(keys.result(job_id))
+            pipe.lindex(keys.result(job_id), 0)
+
+    def add_reads(self, chunk: Sequence[str], answers: Sequence[Any], certain: int) -> None:
+        """The pipeline's ``answers`` for ``chunk`` (:meth:`queue_reads`); the first
+        ``certain`` jobs of the chunk had their submit acknowledged."""
+        for k, job_id in enumerate(chunk):
+            copies, first = int(answers[2 * k]), answers[2 * k + 1]
+            self.add(job_id, certain=k < certain, copies=copies, first=first)
 
     def outcomes(self, submitted: int) -> Outcomes:
         return Outcomes(

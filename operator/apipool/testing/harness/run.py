@@ -220,13 +220,8 @@ class PoolRun:
         for start in range(0, len(ids), OUTCOME_CHUNK):
             chunk = ids[start : start + OUTCOME_CHUNK]
             pipe = self.r.pipeline(transaction=False)
-            for job_id in chunk:
-                pipe.llen(self.keys.result(job_id))
-                pipe.lindex(self.keys.result(job_id), 0)
-            answers = await pipe.execute()
-            for k, job_id in enumerate(chunk):
-                copies, first = int(answers[2 * k]), answers[2 * k + 1]
-                tally.add(job_id, certain=start + k < certain, copies=copies, first=first)
+            tally.queue_reads(pipe, self.keys, chunk)
+            tally.add_reads(chunk, await pipe.execute(), certain - start)
         self.accepted.extend(tally.landed)
         return tally.outcomes(submitted=len(self.accepted))
 
