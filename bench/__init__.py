@@ -9,7 +9,17 @@ asserted: a missed target does not fail the run. See docs/benchmarks.md.
 
 from __future__ import annotations
 
-BENCHMARKS = ("goodput", "chaos", "handoff", "overhead", "memory", "operator", "operator-scale")
+BENCHMARKS = (
+    "goodput",
+    "chaos",
+    "failover",
+    "false-kills",
+    "handoff",
+    "overhead",
+    "memory",
+    "operator",
+    "operator-scale",
+)
 """Benchmark names, in the order ``python -m bench`` runs them: each is the name of
 a module here, a dash standing for an underscore."""
 

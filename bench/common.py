@@ -72,6 +72,24 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def pss_mib(pids: Sequence[int]) -> float:
+    """The proportional set size of processes ``pids`` together, in MiB: pages
+    shared between them (a fork's copy-on-write pages) counted once
+    (``Pss`` of ``/proc/<pid>/smaps_rollup``); Linux only."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return round(total / MIB, 1)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (``/proc/<pid>/task/<pid>/children``)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child that must import both ``apipool`` and ``bench``."""
     paths = [str(REPO_ROOT), str(REPO_ROOT / "operator")]
@@ -169,6 +187,7 @@ class SlotSubprocess(ChildProcess):
         max_attempts: int = defaults.MAX_ATTEMPTS,
         limits: Limits | None = None,
         http: HttpPolicy | None = None,
+        standby: bool = False,
     ) -> None:
         self.settings = SlotSettings(
             pool=pool,
@@ -186,6 +205,7 @@ class SlotSubprocess(ChildProcess):
             owner=f"bench-{os.getpid()}",
             health_port=0,
             parent_pid=os.getpid(),
+            standby=standby,  # off: the worker itself is what most benchmarks measure
         )
         cmd = [sys.executable, "-m", "apipool", "--log-level", "WARNING"]
         # The Redis URL and the owner travel in the environment, not on the command line.

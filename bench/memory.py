@@ -15,7 +15,11 @@ throwaway redis-server and reads its peak resident set size (``VmHWM`` of
   in ``BLMOVE`` on an empty queue (the WAIT step): Redis hands the whole element
   over, so the slot receives it before it can check its size;
 - ``push_refused_at_proto_max_bulk_len_2mb``: whether Redis itself refuses that push once
-  ``proto-max-bulk-len`` is 2 MB (the bound docs/operations.md recommends).
+  ``proto-max-bulk-len`` is 2 MB (the bound docs/operations.md recommends);
+- ``idle_pss``: the proportional set size (``Pss`` of ``smaps_rollup``: pages
+  shared by a fork counted once) of an idle slot that served one job, plain and
+  under a keeper (the keeper, its active worker and its warm standby together):
+  what the standby costs.
 
 Targets: tens of MiB for the refusals (an idle slot is about 50 MiB).
 """
@@ -36,7 +40,7 @@ from apipool.settings import HttpPolicy
 from apipool.testing.polling import wait_for
 from apipool.testing.redis_server import RedisServer
 
-from .common import MIB, Figures, SlotSubprocess, Target, peak_rss_mib
+from .common import MIB, Figures, SlotSubprocess, Target, children, peak_rss_mib, pss_mib
 
 POOL = "bench-memory"
 ENVELOPE_BYTES = 50 * MIB
@@ -93,6 +97,18 @@ def _serve_one(url: str, pool: str, slot: SlotSubprocess, payload: Any = None) -
 
 def _slot(url: str, pool: str, handlers: list[str], **options: Any) -> SlotSubprocess:
     return SlotSubprocess(url, pool, handlers, call_timeout=10.0, **options)
+
+
+def idle_pss(url: str, *, standby: bool) -> tuple[float, int]:
+    """PSS of an idle slot that served one job, all its processes together (a
+    keeper, its active worker and its standby when ``standby``), and how many."""
+    pool = f"{POOL}-pss-{int(standby)}"
+    with _slot(url, pool, ["bench.handlers:noop"], standby=standby) as slot:
+        if standby:
+            _until(slot, lambda: len(children(slot.pid)) == 2, "active + standby")
+        _serve_one(url, pool, slot)
+        pids = [slot.pid, *children(slot.pid)]
+        return pss_mib(pids), len(pids)
 
 
 def idle(url: str) -> float:
@@ -224,6 +240,12 @@ def run(*, quick: bool = False, seed: int = 1) -> Figures:
             figures["envelope_waiting_peak_mib"] = waiting = envelope_waiting(url, r)
             figures["envelope_waiting_over_idle_mib"] = round(waiting - base, 1)
             figures["push_refused_at_proto_max_bulk_len_2mb"] = push_refused_by_redis(url, r)
+            plain, _ = idle_pss(url, standby=False)
+            keeper, processes = idle_pss(url, standby=True)
+            figures["idle_pss_mib_plain"] = plain
+            figures["idle_pss_mib_standby"] = keeper
+            figures["standby_processes"] = processes
+            figures["standby_extra_pss_mib"] = round(keeper - plain, 1)
         finally:
             r.close()
     return figures

@@ -25,8 +25,9 @@ from .schedule import Settings, make_schedule
 
 SYSTEMS = ("apipool", "dramatiq", "zset")
 NOTES = {
-    "apipool": "N slot processes under apipool's local supervisor (run_scenario); a stopped "
-    "slot is killed after the liveness window (= ttl) and replaced after it is reaped",
+    "apipool": "N slots under apipool's local supervisor (run_scenario), each a keeper with its "
+    "worker and a warm standby (the defaults): a killed worker is replaced by the standby, a "
+    "stopped one is killed after the keeper's 1 s hang window and replaced once reaped",
     "dramatiq": "M general workers, dramatiq.rate_limits.ConcurrentRateLimiter(RedisBackend) "
     "with ttl; killed workers are restarted; nothing detects a stopped worker: it stays "
     "stopped for its whole stop, then gets SIGCONT and carries on",

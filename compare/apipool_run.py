@@ -26,6 +26,7 @@ async def run_apipool(s: Settings, plan: list[Planned]) -> dict[str, Any]:
         ),
         liveness_window=s.ttl,
         seed=s.seed + 1,
+        standby=True,  # the product's default: faults hit the worker, its keeper recovers
     )
     res = await run_scenario(scenario)
     done = [

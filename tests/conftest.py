@@ -125,6 +125,8 @@ def start_slot(redis_url: str, pool: str, tmp_path: Path) -> Iterator[Callable[.
             "--call-timeout", str(call_timeout),
             "--heartbeat-interval", str(heartbeat),
             "--take-block", "0.2",
+            # A plain worker unless the test asks for a keeper (test_keeper.py).
+            *(() if "--standby" in extra else ("--standby", "false")),
             *extra,
         ]  # fmt: skip
         with log.open("wb") as out:

@@ -130,3 +130,8 @@ def gated(payload: Any, call: Call) -> dict[str, int]:
     while not os.path.exists(payload["gate"]) and time.monotonic() < end:
         time.sleep(0.02)
     return {"attempt": call.attempt}
+
+
+def die(payload: Any, call: Call) -> None:
+    """The worker process dies on the spot (a crash no handler code can catch)."""
+    os._exit(3)

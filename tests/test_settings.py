@@ -32,7 +32,9 @@ URL = "redis://:s3cret@127.0.0.1:6390/2"
                 fence_margin=0.5,
                 health_grace=0,
                 take_block=0.1,
+                hang_window=0.4,
             ),
+            standby=False,
             max_attempts=5,
             result_ttl=12.5,
             limits=Limits(

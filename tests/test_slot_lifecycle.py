@@ -120,7 +120,8 @@ def test_healthz_fails_once_a_call_overruns_its_timeout(
         handler=f"{HERE}:ignore_cancel", call_timeout=0.5, extra=("--health-grace", "0.5")
     )
     ready(slot)
-    assert probe(slot, "/healthz") == (200, {"ok": True, "reason": "ok", "slot": 0, "pool": pool})
+    expected = {"ok": True, "reason": "ok", "slot": 0, "pool": pool, "pid": slot.proc.pid}
+    assert probe(slot, "/healthz") == (200, expected)
     with Client(redis_url, pool) as client:
         client.submit({"seconds": 60})
 

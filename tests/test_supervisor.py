@@ -65,6 +65,8 @@ def start_up(
         "--redis-url", redis_url, "--pool", pool, "--slots", "2",
         "--handler", "tests.handlers:sleep",
         "--heartbeat-interval", "0.2", "--call-timeout", "2", "--liveness-window", "1",
+        # plain slots: these tests stop and kill the slot process itself
+        *(() if "--standby" in extra else ("--standby", "false")),
         *extra,
     ]  # fmt: skip
     with log.open("ab") as out:
@@ -203,6 +205,7 @@ def settings_for(
         "probe_timeout": 0.5,
         "startup_timeout": 30.0,
         "log_dir": str(tmp_path / "slots"),
+        "standby": False,  # plain slots: these tests kill and stop the slot process itself
     }
     values.update(changes)
     return SupervisorSettings(**values)  # type: ignore[arg-type]

@@ -51,6 +51,13 @@ def _count_float(value: str) -> float:
     return number
 
 
+def _flag(value: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {value}")
+    return text in ("true", "1", "yes")
+
+
 def _count(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -83,6 +90,27 @@ def _add_slot_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fence-margin", type=_positive, default=t.fence_margin, metavar="S")
     p.add_argument("--health-grace", type=_count_float, default=t.health_grace, metavar="S")
     p.add_argument("--take-block", type=_positive, default=t.take_block, metavar="S")
+    p.add_argument(
+        "--standby",
+        type=_flag,
+        default=defaults.STANDBY,
+        metavar="BOOL",
+        help="run each slot under a keeper with a warm standby (true/false)",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=_flag,
+        default=defaults.PREFETCH,
+        metavar="BOOL",
+        help="take the next job during a call while the queue is long (true/false)",
+    )
+    p.add_argument(
+        "--hang-window",
+        type=_positive,
+        default=t.hang_window,
+        metavar="S",
+        help="with --standby: kill a worker whose event loop is silent this long",
+    )
     p.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS, metavar="K")
     p.add_argument("--result-ttl", type=_positive, default=defaults.RESULT_TTL, metavar="S")
     lim = Limits()
@@ -143,6 +171,7 @@ def _timings(args: argparse.Namespace) -> Timings:
         fence_margin=args.fence_margin,
         health_grace=args.health_grace,
         take_block=args.take_block,
+        hang_window=args.hang_window,
     )
 
 
@@ -255,6 +284,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         liveness_window=args.liveness_window,
         log_dir=args.log_dir,
         log_level=args.log_level,
+        standby=args.standby,
+        prefetch=args.prefetch,
     )
     return asyncio.run(Supervisor(settings).run())
 
@@ -275,13 +306,20 @@ def slot_settings(args: argparse.Namespace) -> SlotSettings:
         health_host=args.health_host,
         health_port=args.health_port,
         parent_pid=args.parent_pid,
+        standby=args.standby,
+        prefetch=args.prefetch,
     )
 
 
 def _cmd_slot(args: argparse.Namespace) -> int:
+    settings = slot_settings(args)
+    if settings.standby:
+        from .keeper import run_keeper
+
+        return run_keeper(settings)
     from .slot import run_slot
 
-    return run_slot(slot_settings(args))
+    return run_slot(settings)
 
 
 def _print(doc: Any) -> None:

@@ -42,6 +42,15 @@ def dual_stack_socket(port: int) -> socket.socket:
         return _bound(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port))
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The listening socket a server on ``host:port`` uses (``::``: dual stack).
+    Made before a fork, it lets a keeper's children serve in turn on one port."""
+    if host == ANY_HOST:
+        return dual_stack_socket(port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _bound(socket.socket(family, socket.SOCK_STREAM), (host, port))
+
+
 def _bound(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -66,6 +75,7 @@ class HealthServer:
         info: Mapping[str, object] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        sock: socket.socket | None = None,
     ) -> None:
         self.health = health
         self.readiness = readiness
@@ -73,6 +83,8 @@ class HealthServer:
         self.info = dict(info or {})
         self.host = host
         self._requested_port = port
+        self._sock = sock
+        """A listening socket made beforehand (host and port then unused)."""
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -108,7 +120,9 @@ class HealthServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            if self.host == ANY_HOST:
+            if self._sock is not None:
+                await web.SockSite(runner, self._sock).start()
+            elif self.host == ANY_HOST:
                 sock = dual_stack_socket(self._requested_port)
                 await web.SockSite(runner, sock).start()
             else:

@@ -129,6 +129,23 @@ class InFlight:
             return None
         return job
 
+    async def prefetch(self) -> None:
+        """During a call: take the next job into the list now (AHEAD), so that it
+        starts without a round trip once this call ends. Only one ahead, only
+        while the queue is long enough that no other slot waits for it, only
+        while a take is allowed; a failure just leaves it to the usual take."""
+        if self._next is not None or not self.may_take_next():
+            return
+        try:
+            taken = await self.proto.take_ahead(self.slot).arun(self.r)
+        except RedisError as exc:
+            self.maybe_stray = True  # the move may have happened with its reply lost
+            log.info("prefetch failed (%s); taking the usual way", exc)
+            return
+        self.oversize_dropped(taken.skipped)
+        if taken.job is not None:
+            self._next = taken.job
+
     async def take_failed(self, exc: RedisError) -> None:
         """After a take failed: log and count it, then wait a moment (a transient
         error) or :data:`~apipool.redis_checks.REFUSED_RETRY` seconds (Redis
@@ -201,7 +218,7 @@ class InFlight:
         return step
 
     def _take_next(self, wanted: bool) -> bool:
-        return wanted and self.may_take_next()
+        return wanted and self._next is None and self.may_take_next()
 
     async def complete(
         self,

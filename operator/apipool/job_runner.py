@@ -232,10 +232,13 @@ class JobRunner:
         self.metrics.attempts.observe(env.attempt)
         self.metrics.busy.set(1)
         self.calls.start()
+        ahead = asyncio.create_task(self.inflight.prefetch()) if s.prefetch else None
         try:
             result, failed = await self._invoke(handler, env.payload, call)
         finally:
             busy_ms = self._end_call()  # also when a stop cancelled it
+            if ahead is not None:  # its job, if any, is the next one (or handed back)
+                await asyncio.gather(ahead, return_exceptions=True)
         if failed is not None:
             return replace(failed, busy_ms=busy_ms)
         return self._judge(env, result, started_wall, busy_ms)

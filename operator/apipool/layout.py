@@ -55,6 +55,11 @@ TAKE       (script) ``LMOVE queue inflight:<i> RIGHT LEFT`` without blocking.
            An envelope over the slot's size limit never leaves Redis: it is
            dead-lettered right there (by size and SHA-1, its body dropped) and
            the next one is taken (at most 16 such per call).
+AHEAD      (script) TAKE, only while the queue holds at least as many jobs as
+           the pool has slots (``config`` ``slots``) and the in-flight list
+           holds at most the job being called: a slot prefetches its next job
+           during a call, never more than one ahead, and never while another
+           slot could be left waiting for work.
 WAIT       ``BLMOVE queue inflight:<i> RIGHT LEFT`` (one command, atomic): the
            blocking take, used only after TAKE found the queue empty. What it
            returns reaches the slot whatever its size (bounded by Redis's
@@ -215,6 +220,21 @@ end
 TAKE_SCRIPT = (
     _TAKE_LUA
     + """
+local v, skipped = take(KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return {v, skipped}
+"""
+)
+
+# KEYS[1] queue, KEYS[2] inflight, KEYS[3] dead, KEYS[4] stats, KEYS[5] config
+# ARGV as TAKE's; returns {envelope or false, over-limit envelopes dropped}
+TAKE_AHEAD_SCRIPT = (
+    _TAKE_LUA
+    + """
+local slots = tonumber(redis.call('HGET', KEYS[5], 'slots') or '') or 0
+if slots < 1 or redis.call('LLEN', KEYS[1]) < slots or redis.call('LLEN', KEYS[2]) > 1 then
+  return {false, 0}
+end
 local v, skipped = take(KEYS[1], KEYS[2], KEYS[3], KEYS[4],
   tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 return {v, skipped}

@@ -84,13 +84,14 @@ class Script:
 
 SUBMIT = Script("submit", layout.SUBMIT_SCRIPT)
 TAKE = Script("take", layout.TAKE_SCRIPT)
+TAKE_AHEAD = Script("take_ahead", layout.TAKE_AHEAD_SCRIPT)
 DROP = Script("drop", layout.DROP_SCRIPT)
 ACQUIRE = Script("acquire", layout.ACQUIRE_SCRIPT)
 RENEW = Script("renew", layout.RENEW_SCRIPT)
 RELEASE = Script("release", layout.RELEASE_SCRIPT)
 COMPLETE = Script("complete", layout.COMPLETE_SCRIPT)
 REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
-SCRIPTS = (SUBMIT, TAKE, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
+SCRIPTS = (SUBMIT, TAKE, TAKE_AHEAD, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,13 @@ class PoolProtocol:
         k = self.keys
         keys = (k.queue, k.inflight(slot), k.dead, k.stats)
         return Step(TAKE, keys, self._take_args(slot), _taken)
+
+    def take_ahead(self, slot: int) -> Step[Taken]:
+        """TAKE while a call runs: only when the queue holds at least N jobs (no
+        slot left waiting) and only one ahead (see AHEAD in layout.py)."""
+        k = self.keys
+        keys = (k.queue, k.inflight(slot), k.dead, k.stats, k.config)
+        return Step(TAKE_AHEAD, keys, self._take_args(slot), _taken)
 
     def drop_oversize(self, slot: int) -> Step[int]:
         """Remove every over-limit envelope from slot's in-flight list and

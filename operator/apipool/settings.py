@@ -33,6 +33,10 @@ def check_pool_name(pool: str) -> str:
     return pool
 
 
+MIN_HANG_WINDOW = 0.3
+"""Three of the worker's beats (every 0.1 s): a shorter window kills healthy workers."""
+
+
 @dataclass(frozen=True)
 class Timings:
     """Time budget of a slot. All values in seconds."""
@@ -47,6 +51,8 @@ class Timings:
     """/healthz fails once a call has run longer than call_timeout + health_grace."""
     take_block: float = defaults.TAKE_BLOCK
     """How long one blocking take waits for a job before checking the lease again."""
+    hang_window: float = defaults.HANG_WINDOW
+    """Under a keeper: silence of the worker's event loop after which it is killed."""
 
     def __post_init__(self) -> None:
         for name in ("call_timeout", "fence_margin", "heartbeat_interval", "take_block"):
@@ -54,6 +60,10 @@ class Timings:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.health_grace < 0:
             raise ConfigError(f"health_grace must be >= 0 seconds, got {self.health_grace}")
+        if self.hang_window < MIN_HANG_WINDOW:
+            raise ConfigError(
+                f"hang_window must be >= {MIN_HANG_WINDOW} seconds, got {self.hang_window}"
+            )
 
     @property
     def lease_ttl(self) -> float:
@@ -137,6 +147,10 @@ class SlotSettings:
     health_port: int = defaults.HEALTH_PORT
     """Port of /healthz, /readyz, /metrics; 0 picks a free one."""
     parent_pid: int | None = None
+    standby: bool = defaults.STANDBY
+    """Run under a keeper with a warm standby (keeper.py)."""
+    prefetch: bool = defaults.PREFETCH
+    """Take the next job during a call when the queue is long (inflight.py)."""
     """Stop gracefully when this parent process is gone (local supervisor)."""
 
     def __post_init__(self) -> None:
@@ -166,6 +180,9 @@ class SlotSettings:
             "--fence-margin", f"{t.fence_margin:g}",
             "--health-grace", f"{t.health_grace:g}",
             "--take-block", f"{t.take_block:g}",
+            "--hang-window", f"{t.hang_window:g}",
+            "--standby", "true" if self.standby else "false",
+            "--prefetch", "true" if self.prefetch else "false",
             "--max-attempts", str(self.max_attempts),
             "--result-ttl", f"{self.result_ttl:g}",
             *self.limits_argv(),

@@ -32,10 +32,12 @@ outcome (:class:`~apipool.inflight.InFlight`), the sync-overrun verdict
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
 import signal
+import socket
 import sys
 
 import redis.asyncio as aioredis
@@ -58,6 +60,9 @@ from .redis_checks import EvictionGuard
 from .settings import SlotSettings
 
 log = logging.getLogger("apipool.slot")
+
+BEAT_INTERVAL = 0.1
+"""Seconds between the bytes a slot under a keeper writes to its beat pipe."""
 
 STUCK_AFTER_GRACE = 5.0
 """Seconds past the shutdown grace after which a stop counts as stuck (tasks dumped, exit)."""
@@ -93,6 +98,11 @@ class SlotWorker:
         self.metrics = SlotMetrics(settings.pool, settings.slot)
         self.stopping = asyncio.Event()
         self.health_port: int | None = None
+        self.health_socket: socket.socket | None = None
+        """A listening socket made by a keeper before it forked this process."""
+        self.beat_fd: int | None = None
+        """Under a keeper: the pipe this process's event loop writes a byte to
+        every ``BEAT_INTERVAL`` seconds (keeper.py)."""
         self._stuck_timer: asyncio.TimerHandle | None = None
 
         self.ctl = _client(settings.redis_url, t.heartbeat_interval)
@@ -231,9 +241,10 @@ class SlotWorker:
             health=self.health,
             readiness=self.readiness,
             registry=self.metrics.registry,
-            info={"slot": s.slot, "pool": s.pool},
+            info={"slot": s.slot, "pool": s.pool, "pid": os.getpid()},
             host=s.health_host,
             port=s.health_port,
+            sock=self.health_socket,
         )
         self.health_port = await server.start()
         log.info(
@@ -246,11 +257,27 @@ class SlotWorker:
         )
         return server
 
+    async def _beat(self, fd: int) -> None:
+        """Tell the keeper this event loop runs: a byte every BEAT_INTERVAL."""
+        while True:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                os.write(fd, b".")
+            await asyncio.sleep(BEAT_INTERVAL)
+
     async def _release_lease(self) -> None:
         try:
             await self.lease.release(self.ctl)
         except RedisError as exc:
             log.warning("could not release the lease: %s", exc)
+
+    async def prepare(self) -> None:
+        """Open the Redis connections ahead of :meth:`run` (a warm standby does
+        this while it waits: it takes nothing and calls nothing). A Redis that
+        does not answer now is left to :meth:`run`'s own handling."""
+        for client in (self.ctl, self.work):
+            with contextlib.suppress(RedisError, OSError):
+                # A read the slot's Redis ACL allows (PING is not granted).
+                await client.hget(self.proto.keys.config, "slots")
 
     async def run(self) -> int:
         """Serve until stopped; returns the exit code (or leaves the process at
@@ -258,11 +285,14 @@ class SlotWorker:
         self._install_signals()
         server = await self._start_health()
         heartbeat = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
+        beats = [] if self.beat_fd is None else [asyncio.create_task(self._beat(self.beat_fd))]
         try:
             await self.work_loop()
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            for task in beats:
+                task.cancel()
+            await asyncio.gather(heartbeat, *beats, return_exceptions=True)
             await self._release_lease()
             await close_http_session()
             await server.stop()

@@ -117,6 +117,10 @@ class SupervisorSettings:
     log_dir: str | None = None
     """Write each slot's log to <log_dir>/slot-<i>.log instead of inheriting stderr."""
     log_level: str = "INFO"
+    standby: bool = defaults.STANDBY
+    """Run each slot under a keeper with a warm standby (keeper.py)."""
+    prefetch: bool = defaults.PREFETCH
+    """Slots take their next job during a call while the queue is long."""
 
     def __post_init__(self) -> None:
         check_pool_name(self.pool)
@@ -209,6 +213,8 @@ class Supervisor:
             owner=self.owner,
             health_port=port,
             parent_pid=os.getpid(),
+            standby=s.standby,
+            prefetch=s.prefetch,
         )
 
     def command(self, index: int, port: int) -> list[str]:

@@ -34,6 +34,8 @@ POOL_DEFAULTS: dict[str, Any] = {
     "maxDeadLetters": defaults.MAX_DEAD_LETTERS,
     "allowRedisEviction": False,
     "apiIdleTimeoutSeconds": defaults.API_IDLE_TIMEOUT,
+    "standby": defaults.STANDBY,
+    "hangWindowSeconds": defaults.HANG_WINDOW,
 }
 """Every pool setting of the spec that has a default, by its spec name."""
 NOT_SPEC_DEFAULTS = {"enabled", "name", "slots", "image", "extraHandlers", "template", "http"}

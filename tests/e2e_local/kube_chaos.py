@@ -14,15 +14,19 @@ last call does not count as its replacement's).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from apipool.envelope import make_envelope
+from apipool.operator.manifests import HEALTH_PORT
 from apipool.protocol import PoolProtocol
 from apipool.testing.harness.result import OutcomeTally
 from apipool.testing.harness.run import OUTCOME_CHUNK
@@ -118,9 +122,17 @@ class KubeChaos:
         return stats.elapsed_seconds
 
     def in_flight_reached(self, since: float, count: int) -> float | None:
-        """The first moment after ``since`` at which ``count`` calls were in flight."""
+        """The first moment after ``since`` at which ``count`` calls were in flight
+        again, once they had dropped below it (the victim's call ended): a
+        victim dying a moment after the signal (a container's worker, killed
+        with its first process) is not taken for its own replacement."""
+        dipped = False
         for t, _active, in_flight in self.c.api.stats().samples:
-            if t >= since and in_flight >= count:
+            if t < since:
+                continue
+            if in_flight < count:
+                dipped = True
+            elif dipped:
                 return t
         return None
 
@@ -140,12 +152,23 @@ class KubeChaos:
         self.wait_full(self.now(), 60.0, "the pool at full width")
         time.sleep(seconds)
 
-    def _record(self, kind: str, target: str, inject: Callable[[], str], timeout: float) -> None:
+    def _record(
+        self,
+        kind: str,
+        target: str,
+        inject: Callable[[], str],
+        timeout: float,
+        *,
+        killed: bool = False,
+    ) -> None:
+        """Inject a fault and wait for the pool at full width again. A SIGKILLed
+        process's connection closes at once; any other victim's call is served
+        to its end, so full width counts from one call's length on."""
         at = self.now()
         note = inject()
         record = FaultRecord(kind, at, target, note=note)
         self.faults.append(record)
-        after = at + self.c.call_ms / 1000 + 0.05
+        after = at if killed else at + self.c.call_ms / 1000 + 0.05
         try:
             record.recovery_s = self.wait_full(after, timeout, f"recovery from {kind}") - at
         except WaitTimeout:
@@ -161,7 +184,24 @@ class KubeChaos:
             pid = self.c.node_of(pod).signal(pod, sig)
             return f"pid {pid}"
 
-        self._record(kind, pod, inject, timeout)
+        self._record(kind, pod, inject, timeout, killed=sig == signal.SIGKILL)
+
+    def worker_pid(self, pod: str) -> int:
+        """The pid of the slot's active worker: the one its /healthz answer names
+        (under a keeper it is a child of the container's first process)."""
+        ip = self.c.node_of(pod).pod_ip(pod)
+        with urllib.request.urlopen(f"http://{ip}:{HEALTH_PORT}/healthz", timeout=2) as answer:
+            return int(json.loads(answer.read())["pid"])
+
+    def signal_worker(self, kind: str, index: int, sig: signal.Signals, timeout: float) -> None:
+        pod = f"{self.pool}-slot-{index}"
+
+        def inject() -> str:
+            pid = self.worker_pid(pod)
+            os.kill(pid, sig)
+            return f"worker pid {pid}"
+
+        self._record(kind, pod, inject, timeout, killed=sig == signal.SIGKILL)
 
     def delete_slot(self, kind: str, index: int, grace: int | None, timeout: float) -> None:
         pod = f"{self.pool}-slot-{index}"

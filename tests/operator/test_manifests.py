@@ -255,3 +255,17 @@ def test_liveness_values_are_checked(liveness: dict[str, Any], message: str) -> 
 def test_good_handlers() -> None:
     for handler in ("http", "billing.api:charge", "charge=billing.api:charge", "a.b.c:d.e"):
         assert spec(handler=handler).handler == handler
+
+
+def test_slot_pods_run_a_keeper_with_a_standby_unless_switched_off() -> None:
+    def args(**changes: Any) -> list[str]:
+        return list(slot_pod(spec(**changes), "billing", "ns", 0)["spec"]["containers"][0]["args"])
+
+    default = args()
+    assert default[default.index("--standby") + 1] == "true"
+    assert default[default.index("--hang-window") + 1] == "1"
+    off = args(standby=False, hangWindowSeconds=2.5)
+    assert off[off.index("--standby") + 1] == "false"
+    assert off[off.index("--hang-window") + 1] == "2.5"
+    with pytest.raises(InvalidSpec, match="hangWindowSeconds"):
+        spec(hangWindowSeconds=0.1)

@@ -144,3 +144,28 @@ def test_scheduled_faults_are_struck_and_recorded(sleepers: FakeSupervisor) -> N
     procs = {s.proc.pid: s.proc for s in sleepers.slots}
     assert procs[kill.pid].wait(5) == -signal.SIGKILL
     assert procs[stop.pid].poll() is None
+
+
+@pytest.mark.asyncio
+async def test_worker_pid_reads_the_pid_a_slot_names_on_healthz() -> None:
+    """Under keepers the chaos hits the active worker, found through /healthz."""
+    from prometheus_client import CollectorRegistry
+
+    from apipool.health import HealthServer
+    from apipool.supervisor import free_port
+    from apipool.testing.harness.chaos import worker_pid
+
+    server = HealthServer(
+        health=lambda: (True, "ok"),
+        readiness=lambda: (True, "ok"),
+        registry=CollectorRegistry(),
+        info={"pid": 4242},
+    )
+    port = await server.start()
+    assert port is not None
+    try:
+        assert await worker_pid(port) == 4242
+    finally:
+        await server.stop()
+    assert await worker_pid(port) is None  # nobody listens: no victim
+    assert await worker_pid(free_port()) is None

@@ -68,6 +68,7 @@ def timings(spec: PoolSpec) -> Timings:
     return Timings(
         call_timeout=spec.call_timeout_seconds,
         heartbeat_interval=spec.heartbeat_interval_seconds,
+        hang_window=spec.hang_window_seconds,
     )
 
 
@@ -102,6 +103,7 @@ def slot_settings(spec: PoolSpec, pool: str, index: int) -> SlotSettings:
         owner=OWNER,
         health_host=HEALTH_HOST,
         health_port=HEALTH_PORT,
+        standby=spec.standby,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import defaults
-from ..settings import POOL_NAME, HttpPolicy
+from ..settings import MIN_HANG_WINDOW, POOL_NAME, HttpPolicy
 
 GROUP = "apipool.dev"
 VERSION = "v1alpha1"
@@ -41,6 +41,7 @@ DEFAULT_SECRET_KEY = "url"
 """The key of the Redis URL in the pool's Secret when spec.redis.secretRef.key is left out."""
 RESERVED_ENV_PREFIX = "APIPOOL_"
 MAX_API_IDLE_TIMEOUT = 3600
+MAX_HANG_WINDOW = 60.0
 SPEC_FIELDS = frozenset(
     {
         "slots",
@@ -56,6 +57,8 @@ SPEC_FIELDS = frozenset(
         "liveness",
         "maxUnavailable",
         "apiIdleTimeoutSeconds",
+        "standby",
+        "hangWindowSeconds",
         "template",
         "maxEnvelopeBytes",
         "maxResultBytes",
@@ -118,6 +121,8 @@ class PoolSpec:
     liveness: Liveness = field(default_factory=Liveness)
     max_unavailable: int = defaults.MAX_UNAVAILABLE
     api_idle_timeout_seconds: int = defaults.API_IDLE_TIMEOUT
+    standby: bool = defaults.STANDBY
+    hang_window_seconds: float = defaults.HANG_WINDOW
     template: Mapping[str, Any] = field(default_factory=dict)
     max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
     max_result_bytes: int = defaults.MAX_RESULT_BYTES
@@ -161,6 +166,16 @@ def _at_least(doc: Mapping[str, Any], name: str, low: int, default: int) -> int:
     value: int = _get(doc, name, int, default)
     if value < low:
         raise InvalidSpec(f"spec.{name} must be >= {low}, not {value}")
+    return value
+
+
+def _hang_window(spec: Mapping[str, Any]) -> float:
+    value = float(_get(spec, "hangWindowSeconds", (int, float), defaults.HANG_WINDOW))
+    if not MIN_HANG_WINDOW <= value <= MAX_HANG_WINDOW:
+        raise InvalidSpec(
+            f"spec.hangWindowSeconds must be between {MIN_HANG_WINDOW} and "
+            f"{MAX_HANG_WINDOW}, not {value}"
+        )
     return value
 
 
@@ -377,6 +392,8 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         liveness=liveness,
         max_unavailable=max_unavailable,
         api_idle_timeout_seconds=idle,
+        standby=_flag(spec, "standby", defaults.STANDBY),
+        hang_window_seconds=_hang_window(spec),
         template=template,
         max_envelope_bytes=_size_limit(spec, "maxEnvelopeBytes", defaults.MAX_ENVELOPE_BYTES),
         max_result_bytes=_size_limit(spec, "maxResultBytes", defaults.MAX_RESULT_BYTES),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ from ..redis_server import RedisServer
 from .result import Fault
 from .scenario import ChaosPlan
 
-__all__ = ["FaultInjector", "pick_victim"]
+__all__ = ["FaultInjector", "pick_victim", "worker_pid"]
 
 
 def pick_victim(
@@ -47,6 +48,24 @@ def pick_victim(
     return slot, pids[slot], slot in in_call
 
 
+async def worker_pid(port: int, timeout: float = 1.0) -> int | None:
+    """The pid in a slot's /healthz answer (the process that serves it), or None."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(65536), timeout)
+        body = raw.partition(b"\r\n\r\n")[2]
+        pid = json.loads(body).get("pid")
+        return int(pid) if isinstance(pid, int) else None
+    except (OSError, TimeoutError, ValueError, AttributeError):
+        return None
+    finally:
+        writer.close()
+
+
 class FaultInjector:
     """Hits the supervisor's slot processes (and Redis) as ``plan`` says.
 
@@ -62,8 +81,12 @@ class FaultInjector:
         busy: Mapping[int, bool],
         rng: random.Random,
         is_running: Callable[[], bool],
+        *,
+        workers: bool = False,
     ) -> None:
         self.plan = plan
+        self.workers = workers
+        """The slots run under keepers: hit each slot's active worker, not the keeper."""
         self.supervisor = supervisor
         self.busy = busy
         self.rng = rng
@@ -106,7 +129,7 @@ class FaultInjector:
             await asyncio.sleep(max(0.0, self.t0 + fault.at - time.monotonic()))
             if not self.is_running():
                 break
-            self._strike(fault.kind, fault.hold)
+            await self._strike(fault.kind, fault.hold)
 
     async def _random(self) -> None:
         plan = self.plan
@@ -115,15 +138,22 @@ class FaultInjector:
             if not self.is_running():
                 break
             kind = self.rng.choice(plan.kinds)
-            self._strike(kind, plan.stop_short if kind == "stop_short" else 0.0)
+            await self._strike(kind, plan.stop_short if kind == "stop_short" else 0.0)
 
     def _defer(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` alongside; cancelled when :meth:`run` ends."""
         self._later.add(asyncio.create_task(coro))
 
-    def _strike(self, kind: str, hold: float) -> None:
+    async def _strike(self, kind: str, hold: float) -> None:
+        pids = self.supervisor.pids()
+        if self.workers:
+            # Under a keeper the worker is what fails (the keeper is tiny): hit the
+            # active worker, whose pid its /healthz answer names.
+            ports = {slot.index: slot.port for slot in self.supervisor.slots}
+            found = await asyncio.gather(*(worker_pid(ports[i]) for i in pids))
+            pids = {i: pid for i, pid in zip(pids, found, strict=True) if pid is not None}
         picked = pick_victim(
-            self.supervisor.pids(),
+            pids,
             {slot.index for slot in self.supervisor.slots if slot.healthy},
             self.stopped_pids,
             self.busy,

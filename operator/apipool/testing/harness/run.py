@@ -81,6 +81,8 @@ class PoolRun:
                 liveness_window=scenario.liveness_window,
                 probe_interval=scenario.probe_interval,
                 log_dir=log_dir,
+                standby=scenario.standby,
+                prefetch=scenario.prefetch,
             )
         )
         self.accepted: list[str] = []
@@ -96,6 +98,7 @@ class PoolRun:
             self.busy,
             random.Random(scenario.seed),
             self.is_running,
+            workers=scenario.standby,
         )
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ... import defaults
 from ...settings import Timings
 
 __all__ = ["FAULT_KINDS", "ChaosPlan", "Scenario", "ScheduledFault"]
@@ -73,10 +74,20 @@ class Scenario:
     ready_timeout: float = 30.0
     api_limit: int = 0
     """The stand-in's limit; 0: slots. Set it below slots to see the checks catch an overrun."""
+    standby: bool = False
+    """Each slot under a keeper with a warm standby; faults then hit the active worker."""
+    hang_window: float = defaults.HANG_WINDOW
+    """With ``standby``: the keeper's hang window."""
+    prefetch: bool = defaults.PREFETCH
+    """Slots take their next job during a call while the queue is long."""
 
     @property
     def timings(self) -> Timings:
-        return Timings(call_timeout=self.call_timeout, heartbeat_interval=self.heartbeat_interval)
+        return Timings(
+            call_timeout=self.call_timeout,
+            heartbeat_interval=self.heartbeat_interval,
+            hang_window=self.hang_window,
+        )
 
     @property
     def limit(self) -> int:

@@ -92,6 +92,11 @@ class ContainerProcess:
             return False
         return True
 
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every process of the container (its process group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
     def _kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)

@@ -218,10 +218,11 @@ class LocalNode:
         self.api.heal()
 
     def _container_signal(self, sig: int) -> None:
+        """Signal every process of every container (a whole machine pausing)."""
         for worker in list(self.workers.values()):
             for runner in worker.runners:
                 if runner.process is not None:
-                    runner.process.signal(sig)
+                    runner.process.signal_group(sig)
 
     def freeze(self) -> None:
         """The whole machine pauses (a suspended VM): every container process is
