@@ -312,3 +312,16 @@ def processes_of(pool: str) -> list[int]:
     """Live processes whose command line names the pool (a keeper's forks keep it)."""
     found = subprocess.run(["pgrep", "-f", "--", f"--pool {pool} "], capture_output=True, text=True)
     return [pid for pid in map(int, found.stdout.split()) if _alive(pid)]
+
+
+def test_sigusr1_to_the_keeper_reaches_the_worker(
+    keeper: Callable[[], SlotProcess], api: StandInApi
+) -> None:
+    """SIGUSR1 asks a slot for every task's stack: under a keeper, the worker answers
+    it, and neither process dies of it."""
+    slot = keeper()
+    worker = active_pid(slot)
+    slot.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "--- heartbeat" in slot.log.read_text(), 10, what="the worker's task dump")
+    assert slot.proc.poll() is None
+    assert active_pid(slot) == worker

@@ -160,7 +160,7 @@ class Keeper:
         if os.getppid() != self.pid:
             return 1  # the keeper died before the prctl took effect
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
         kept = {beat_w, go_r, self.sock.fileno()}
         for other in (self.active, self.standby):
@@ -292,6 +292,12 @@ class Keeper:
     def _ask_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop_asked = True
 
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 (print every task's stack) is for the worker: pass it on."""
+        if self.active is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.active.pid, signum)
+
     def _drain(self, fd: int) -> bool:
         """Read what a pipe holds; False at end of file (the writer is gone)."""
         try:
@@ -345,6 +351,7 @@ class Keeper:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._ask_stop)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the select
+        signal.signal(signal.SIGUSR1, self._forward)
         log.info("slot %d of pool %r: keeper %d, hang window %.2f s",
                  self.settings.slot, self.settings.pool, self.pid, self.window)  # fmt: skip
         # Everything imported so far goes to the collector's permanent generation:
