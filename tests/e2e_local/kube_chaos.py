@@ -34,6 +34,9 @@ from apipool.testing.polling import WaitTimeout, wait_for
 
 from .cluster import LocalCluster
 
+CONTAINER_DEATH = 0.05
+"""Seconds a container's processes may take to die after its first one is SIGKILLed."""
+
 
 class Load:
     """A producer thread keeping ``depth`` jobs queued."""
@@ -159,18 +162,21 @@ class KubeChaos:
         inject: Callable[[], str],
         timeout: float,
         *,
-        killed: bool = False,
+        look_after: float | None = None,
     ) -> None:
-        """Inject a fault and wait for the pool at full width again. A SIGKILLed
-        process's connection closes at once; any other victim's call is served
-        to its end, so full width counts from one call's length on."""
-        at = self.now()
+        """Inject a fault and wait for the pool at full width again. The fault's
+        time is taken once ``inject`` has done it (finding the victim takes a few
+        API and HTTP calls first). Full width is looked for from ``look_after``
+        seconds on: by default one call's length (a victim's call is served to
+        its end), 0 for a process SIGKILLed itself (its connection closes at once)."""
         note = inject()
+        at = self.now()
         record = FaultRecord(kind, at, target, note=note)
         self.faults.append(record)
-        after = at if killed else at + self.c.call_ms / 1000 + 0.05
+        delay = self.c.call_ms / 1000 + 0.05 if look_after is None else look_after
         try:
-            record.recovery_s = self.wait_full(after, timeout, f"recovery from {kind}") - at
+            found = self.wait_full(at + delay, timeout, f"recovery from {kind}")
+            record.recovery_s = found - at
         except WaitTimeout:
             record.recovery_s = None
         self.settle()
@@ -184,7 +190,9 @@ class KubeChaos:
             pid = self.c.node_of(pod).signal(pod, sig)
             return f"pid {pid}"
 
-        self._record(kind, pod, inject, timeout, killed=sig == signal.SIGKILL)
+        # A SIGKILLed container's worker dies with its first process (the keeper),
+        # a moment later: another slot's next call meanwhile is not the recovery.
+        self._record(kind, pod, inject, timeout, look_after=CONTAINER_DEATH)
 
     def worker_pid(self, pod: str) -> int:
         """The pid of the slot's active worker: the one its /healthz answer names
@@ -201,7 +209,7 @@ class KubeChaos:
             os.kill(pid, sig)
             return f"worker pid {pid}"
 
-        self._record(kind, pod, inject, timeout, killed=sig == signal.SIGKILL)
+        self._record(kind, pod, inject, timeout, look_after=0.0 if sig == signal.SIGKILL else None)
 
     def delete_slot(self, kind: str, index: int, grace: int | None, timeout: float) -> None:
         pod = f"{self.pool}-slot-{index}"
