@@ -26,7 +26,7 @@ import asyncio
 from dataclasses import replace
 
 from apipool.testing.harness import ChaosPlan, Scenario, run_scenario
-from apipool.testing.harness.result import ScenarioResult
+from apipool.testing.harness.result import ScenarioResult, full_again
 from apipool.testing.harness.scenario import ScheduledFault
 
 from .common import Figures, Target, maximum, median
@@ -55,15 +55,7 @@ def recoveries(result: ScenarioResult, call_s: float) -> list[float]:
     found = []
     for fault in result.faults:
         since = fault.at if fault.kind == "kill" else fault.at + call_s + 0.05
-        dipped, full = False, None
-        for t, _open, calls in result.timeline:
-            if t < since:
-                continue
-            if calls < result.limit:
-                dipped = True  # the victim's call has ended
-            elif dipped:
-                full = t
-                break
+        full = full_again(result.timeline, since, result.limit)
         if full is not None:
             found.append(full - fault.at)
     return found

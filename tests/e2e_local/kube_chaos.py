@@ -26,9 +26,9 @@ from typing import Any
 import redis
 
 from apipool.envelope import make_envelope
-from apipool.operator.manifests import HEALTH_PORT
+from apipool.operator.manifests import HEALTH_PORT, LABEL_HASH
 from apipool.protocol import PoolProtocol
-from apipool.testing.harness.result import OutcomeTally
+from apipool.testing.harness.result import OutcomeTally, full_again
 from apipool.testing.harness.run import OUTCOME_CHUNK
 from apipool.testing.polling import WaitTimeout, wait_for
 
@@ -125,19 +125,8 @@ class KubeChaos:
         return stats.elapsed_seconds
 
     def in_flight_reached(self, since: float, count: int) -> float | None:
-        """The first moment after ``since`` at which ``count`` calls were in flight
-        again, once they had dropped below it (the victim's call ended): a
-        victim dying a moment after the signal (a container's worker, killed
-        with its first process) is not taken for its own replacement."""
-        dipped = False
-        for t, _active, in_flight in self.c.api.stats().samples:
-            if t < since:
-                continue
-            if in_flight < count:
-                dipped = True
-            elif dipped:
-                return t
-        return None
+        """When the stand-in served ``count`` calls at once again after ``since``."""
+        return full_again(self.c.api.stats().samples, since, count)
 
     def wait_full(self, since: float, timeout: float, what: str) -> float:
         """Wait until the stand-in serves ``slots`` calls at once after ``since``."""
@@ -239,6 +228,7 @@ class KubeChaos:
             self.settle()
 
     def change_template(self, timeout: float) -> None:
+        old_hash = self.c.ready_pods(self.pool)[0]["metadata"]["labels"].get(LABEL_HASH)
         at = self.now()
         self.c.patch_pool(
             self.pool, {"template": {"annotations": {"example.com/rollout": str(time.time())}}}
@@ -248,17 +238,12 @@ class KubeChaos:
 
         def rolled() -> bool:
             pods = self.c.ready_pods(self.pool)
-            hashes = {p["metadata"]["labels"].get("apipool.dev/template-hash") for p in pods}
-            return len(pods) == self.slots and len(hashes) == 1 and self._old_hash not in hashes
+            hashes = {p["metadata"]["labels"].get(LABEL_HASH) for p in pods}
+            return len(pods) == self.slots and len(hashes) == 1 and old_hash not in hashes
 
-        self._old_hash = self.c.ready_pods(self.pool)[0]["metadata"]["labels"].get(
-            "apipool.dev/template-hash"
-        )
         wait_for(rolled, timeout, interval=0.2, what="every slot pod replaced")
         record.recovery_s = self.wait_full(self.now(), 30.0, "full width after the roll") - at
         self.settle()
-
-    _old_hash: str | None = None
 
     # -- the figures ----------------------------------------------------------------------
 

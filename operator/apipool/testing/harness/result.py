@@ -196,6 +196,22 @@ class Recovery(NamedTuple):
     hang_recovery: list[float]
 
 
+def full_again(samples: Iterable[tuple[float, int, int]], since: float, count: int) -> float | None:
+    """In a stand-in timeline of ``(seconds, open connections, calls in flight)``:
+    the first moment after ``since`` at which ``count`` calls were in flight
+    again, once they had dropped below it (a victim's call ended), or None. A
+    victim that dies a moment after the fault is not taken for its replacement."""
+    dipped = False
+    for t, _open, in_flight in samples:
+        if t < since:
+            continue
+        if in_flight < count:
+            dipped = True
+        elif dipped:
+            return t
+    return None
+
+
 def first_call_after(
     call_starts: Mapping[int, Sequence[float]], slot: int, wall: float
 ) -> float | None:

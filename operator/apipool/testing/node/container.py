@@ -52,8 +52,6 @@ class ContainerProcess:
         self.started_mono = time.monotonic()
         self.finished_at: float | None = None
         self._finished_mono: float | None = None
-        self.killed_by: int | None = None
-        """The signal the node sent last, when it killed the process."""
         with log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [*prefix, *argv],
@@ -73,7 +71,7 @@ class ContainerProcess:
             if self.finished_at is None:
                 self.finished_at = time.time()
                 self._finished_mono = time.monotonic()
-            self._kill_group()
+            self.signal_group(signal.SIGKILL)
         return code
 
     @property
@@ -97,20 +95,14 @@ class ContainerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
-    def _kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
     async def stop(self, grace: float) -> int:
         """The kubelet's kill: SIGTERM, up to ``grace`` seconds, then SIGKILL.
         Returns the return code."""
-        if self.signal(signal.SIGTERM):
-            self.killed_by = signal.SIGTERM
+        self.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while (code := self.poll()) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if code is None:
-            self.killed_by = signal.SIGKILL
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             while (code := self.poll()) is None:
@@ -119,7 +111,7 @@ class ContainerProcess:
 
     def kill_now(self) -> None:
         """SIGKILL the process and its group, and reap it (the node shutting down)."""
-        self._kill_group()
+        self.signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         self.poll()

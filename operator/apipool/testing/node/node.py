@@ -85,7 +85,6 @@ class LocalNode:
         """Pod UID -> worker, while the node runs the pod."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()
-        self.events_seen = 0
         self.claims = claims
         """Which unbound pods this node binds (None: all), as a nodeSelector or
         taint would decide; a test sets it to place pods on nodes."""
@@ -100,7 +99,6 @@ class LocalNode:
                     pods, version = await self.api.list_pods()
                     self._relisted(pods)
                     async for event in self.api.watch_pods(version):
-                        self.events_seen += 1
                         await self._event(event)
                 except (ApiError, OSError, ValueError) as exc:
                     log.info("node: watch ended (%s); listing again", exc)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -416,11 +414,3 @@ class PodWorker:
             if name in (None, runner.name) and process is not None and process.poll() is None:
                 return process.pid
         return None
-
-    def signal_container(self, sig: int = signal.SIGKILL, name: str | None = None) -> int:
-        """Send ``sig`` to the container's PID 1 (chaos); returns the PID."""
-        pid = self.container_pid(name)
-        if pid is None:
-            raise LookupError(f"pod {self.name}: no running container {name or ''}")
-        os.kill(pid, sig)
-        return pid
