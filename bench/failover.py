@@ -7,11 +7,13 @@ after the other, each with its own redis-server, side by side:
 - ``hang``: a busy slot's worker is SIGSTOPped for 8 s every 3 s (far longer
   than any hang window, so it must be found and killed);
 
-each once with plain slots as they were before keepers (``--standby false``:
-the supervisor restarts a dead slot and kills one that fails /healthz for its
-2 s liveness window) and once as they run now (``--standby true``, the
-default: the keeper promotes its warm standby when the worker dies, or when its
-event loop has been silent for the 1 s hang window). Prefetch is off in both.
+each once with plain slots as they were before keepers (``--standby false
+--prefetch false``: the supervisor restarts a dead slot and kills one that
+fails /healthz for its 2 s liveness window) and once as they run now, with the
+defaults (``--standby true``: the keeper promotes its warm standby when the
+worker dies, or when its event loop has been silent for the hang window;
+``--prefetch true``: the next job taken during a call, the outcome written
+during the next call).
 
 Recovery of a fault: from the fault until the stand-in again serves 8 calls at
 once, read from the stand-in's timeline (for a hang counted from one call's
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+from apipool import defaults
 from apipool.testing.harness import ChaosPlan, Scenario, run_scenario
 from apipool.testing.harness.result import ScenarioResult, full_again
 from apipool.testing.harness.scenario import ScheduledFault
@@ -91,7 +94,8 @@ def run(*, quick: bool = False, seed: int = 1) -> Figures:
     for fault, plan in plans.items():
         for mode, new in (("plain", False), ("standby", True)):
             name = f"{fault}_{mode}"
-            scenario = replace(base, chaos=plan, standby=new, prefetch=False)
+            # Plain: as before keepers and prefetch; standby: the defaults.
+            scenario = replace(base, chaos=plan, standby=new, prefetch=new and defaults.PREFETCH)
             result = asyncio.run(run_scenario(scenario))
             times = recoveries(result, CALL_MS / 1000.0)
             figures.update(

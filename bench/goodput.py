@@ -71,6 +71,7 @@ FLOOR_POOL = "bench-floor-redis"
 TARGETS = {
     "goodput_100ms": Target(">=", 0.98),
     "goodput_10ms": Target(">=", 0.95),
+    "pool_vs_floor_10ms": Target(">=", 0.97),
     "max_concurrency_100ms": Target("<=", SLOTS),
     "max_concurrency_10ms": Target("<=", SLOTS),
     "over_limit_s_100ms": Target("<=", 0.0),

@@ -4,7 +4,10 @@ Runs apipool, dramatiq's ConcurrentRateLimiter (Redis) and a sorted-set
 semaphore, one after the other, against the same stand-in API (hard limit N),
 the same seeded chaos schedule, the same load (always work available) and the
 same duration. Prints a table, writes ``<out>/results.json`` and
-``<out>/concurrency.png``. Exit status 0 once every run finished (the figures
+``<out>/concurrency.png``. Then (unless ``--no-failover``) apipool's own
+failover benchmark (``python -m bench failover``: the same pool's slots plain
+and under keepers, SIGKILL and SIGSTOP every 3 s), printed as a second table
+and kept in the JSON under ``failover``. Exit status 0 once every run finished (the figures
 are reported, not asserted), 1 if a run crashed.
 """
 
@@ -20,14 +23,14 @@ import time
 import traceback
 from typing import Any
 
-from .report import plot, table, write_json
+from .report import failover_rows, grid, plot, table, write_json
 from .schedule import Settings, make_schedule
 
 SYSTEMS = ("apipool", "dramatiq", "zset")
 NOTES = {
     "apipool": "N slots under apipool's local supervisor (run_scenario), each a keeper with its "
     "worker and a warm standby (the defaults): a killed worker is replaced by the standby, a "
-    "stopped one is killed after the keeper's 1 s hang window and replaced once reaped",
+    "stopped one is killed after the keeper's hang window and replaced once reaped",
     "dramatiq": "M general workers, dramatiq.rate_limits.ConcurrentRateLimiter(RedisBackend) "
     "with ttl; killed workers are restarted; nothing detects a stopped worker: it stays "
     "stopped for its whole stop, then gets SIGCONT and carries on",
@@ -45,6 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=4, help="N, the API's limit (default 4)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--only", choices=SYSTEMS, action="append", help="run only these systems")
+    p.add_argument(
+        "--no-failover", action="store_true", help="skip apipool's plain-vs-keeper failover table"
+    )
     return p.parse_args(argv)
 
 
@@ -56,6 +62,28 @@ async def run_one(system: str, s: Settings, plan: list[Any]) -> dict[str, Any]:
     from .limiters import run_limiter
 
     return await run_limiter(system, s, plan)
+
+
+def run_failover(*, quick: bool, seed: int) -> dict[str, Any] | None:
+    """apipool's failover benchmark, printed as a table; None if it crashed."""
+    from bench import failover
+
+    print("\n-- failover inside a slot (python -m bench failover) ...", flush=True)
+    try:
+        figures = failover.run(quick=quick, seed=seed)
+    except Exception:
+        traceback.print_exc()
+        return None
+    print()
+    print(grid(failover_rows(figures)))
+    print(
+        f"\n{figures['slots']} slots, {figures['call_ms']:g} ms calls, {figures['duration_s']:g} s"
+        " per run; plain = --standby false --prefetch false (a dead slot restarted, a stopped one"
+        f" killed after its {figures['liveness_window_s_plain']:g} s liveness window); keeper ="
+        f" the defaults (hang window {figures['hang_window_s_standby']:g} s); recovery = from the"
+        " fault until the stand-in again serves N calls at once"
+    )
+    return dict(figures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             " at once, counted from 1.5 call lengths after the fault (the victim's call has"
             " left by then); 'never' = not within the window"
         )
+    failover: dict[str, Any] | None = None
+    if not a.no_failover:
+        failover = run_failover(quick=a.quick, seed=a.seed)
+        failed = failed or failover is None
     doc = {
         "date": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
         "machine": {
@@ -111,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": s.to_dict(),
         "schedule": [p.__dict__ for p in plan],
         "systems": {r["system"]: r for r in results},
+        "failover": failover,
         "failed": failed,
     }
     write_json(os.path.join(a.out, "results.json"), doc)

@@ -45,8 +45,38 @@ def rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return out
 
 
+def failover_rows(figures: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The failover benchmark's figures (bench/failover.py) as one row per fault
+    and way of running a slot: plain (as before keepers) and with a keeper."""
+    head = ("fault", "slots run", "goodput", "recovery p50/max ms", "over-limit s", "max conn",
+            "lost", "duplicated")  # fmt: skip
+    out: list[tuple[str, ...]] = [head]
+    kinds = {"kill": "SIGKILL every 3 s", "hang": "SIGSTOP 8 s every 3 s"}
+    ways = {"plain": "plain (restart, liveness)", "standby": "keeper + standby (default)"}
+    for kind, fault in kinds.items():
+        for way, label in ways.items():
+            name = f"{kind}_{way}"
+            out.append(
+                (
+                    fault,
+                    label,
+                    f"{figures[f'goodput_{name}']:.4f}",
+                    f"{figures[f'recovery_ms_p50_{name}']:g}/{figures[f'recovery_ms_max_{name}']:g}",
+                    f"{figures[f'over_limit_s_{name}']:g}",
+                    f"{figures[f'max_concurrency_{name}']} (N={figures['slots']})",
+                    str(figures[f"lost_{name}"]),
+                    str(figures[f"duplicated_{name}"]),
+                )
+            )
+    return out
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    rs = rows(results)
+    return grid(rows(results))
+
+
+def grid(rs: list[tuple[str, ...]]) -> str:
+    """Rows as aligned columns under a rule."""
     widths = [max(len(r[i]) for r in rs) for i in range(len(rs[0]))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)) for r in rs]
     lines.insert(1, "  ".join("-" * wd for wd in widths))

@@ -324,3 +324,82 @@ def test_sigusr1_to_the_keeper_reaches_the_worker(
     wait_for(lambda: "--- heartbeat" in slot.log.read_text(), 10, what="the worker's task dump")
     assert slot.proc.poll() is None
     assert active_pid(slot) == worker
+
+
+def test_a_frozen_slot_is_not_a_hung_one(
+    keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str
+) -> None:
+    """The keeper, its worker and its standby stopped together for four hang
+    windows (a paused VM, a frozen pod), then resumed, the keeper first: the time
+    the keeper itself did not run is not counted as the worker's silence, so
+    nothing is killed and the same worker calls on."""
+    slot = keeper()
+    load = Load(redis_url, pool, api)
+    with load:
+        active, standby, _ = calling(slot, api)
+        family = (slot.proc.pid, active, standby)
+        for pid in family:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(4 * HANG_WINDOW)
+        os.kill(slot.proc.pid, signal.SIGCONT)
+        time.sleep(HANG_WINDOW / 5)  # the keeper looks before its worker can beat
+        for pid in (active, standby):
+            os.kill(pid, signal.SIGCONT)
+        done = calls_done(api)
+        wait_for(lambda: calling_again(api, done), 10, what="calls again")
+        assert active_pid(slot) == active
+        assert children(slot.proc.pid) == {active, standby}
+    drained(load, redis_url)
+    load.close()
+    one_caller(api)
+    assert "silent for" not in slot.log.read_text()
+
+
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.fixture
+def quota() -> Iterator[Path]:
+    """A cgroup (v1 cpu controller) allowing 50 ms of CPU per second, with a busy
+    loop inside that spends it first in every period."""
+    if not (os.access(CPU_CGROUPS, os.W_OK) and (CPU_CGROUPS / "cpu.cfs_quota_us").exists()):
+        pytest.skip("needs a writable cgroup v1 cpu controller (root)")
+    path = CPU_CGROUPS / f"apipool-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    (path / "cpu.cfs_period_us").write_text("1000000")
+    (path / "cpu.cfs_quota_us").write_text("50000")
+    hog = subprocess.Popen(["python3", "-c", "while True: pass"])
+    try:
+        (path / "cgroup.procs").write_text(str(hog.pid))
+        yield path
+    finally:
+        hog.kill()
+        hog.wait()
+        for pid in (path / "cgroup.procs").read_text().split():
+            (CPU_CGROUPS / "cgroup.procs").write_text(pid)
+        path.rmdir()
+
+
+def test_a_worker_starved_of_cpu_is_not_a_hung_one(
+    keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str, quota: Path
+) -> None:
+    """The worker (not its keeper) under a CPU quota that a busy loop spends first:
+    it stands still for most of every second, past the hang window, while the
+    kernel counts it as waiting for a CPU. That wait is not silence: nothing is
+    killed, and once the quota is lifted the same worker calls on."""
+    slot = keeper()
+    load = Load(redis_url, pool, api)
+    with load:
+        active, _, _ = calling(slot, api)
+        (quota / "cgroup.procs").write_text(str(active))
+        time.sleep(8 * HANG_WINDOW)
+        stat = dict(line.split() for line in (quota / "cpu.stat").read_text().splitlines())
+        assert int(stat["nr_throttled"]) >= 3  # it was held back, period after period
+        (CPU_CGROUPS / "cgroup.procs").write_text(str(active))
+        done = calls_done(api)
+        wait_for(lambda: calling_again(api, done), 10, what="calls again")
+        assert active_pid(slot) == active
+    drained(load, redis_url)
+    load.close()
+    one_caller(api)
+    assert "silent for" not in slot.log.read_text()

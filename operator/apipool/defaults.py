@@ -17,14 +17,16 @@ FENCE_MARGIN: Final = 1.0
 """A call starts only while the lease stays valid for call_timeout + this."""
 HEALTH_GRACE: Final = 2.0
 """/healthz fails once a call has run this long past its timeout."""
-HANG_WINDOW: Final = 1.0
-"""Under a keeper: seconds without a beat from the worker's event loop before the
-keeper kills it and promotes the standby (docs/design.md, "The keeper")."""
+HANG_WINDOW: Final = 0.5
+"""Under a keeper: seconds of counted silence of the worker's event loop (time it
+waited for a CPU, or its keeper did not run, does not count: silence.py) before
+the keeper kills it and promotes the standby (docs/design.md, "The hang window")."""
 STANDBY: Final = True
-PREFETCH: Final = False
-"""Whether a slot takes its next job during a call while the queue holds at least
-as many jobs as the pool has slots (``--prefetch``)."""
 """Whether a slot runs under a keeper with a warm standby (``--standby``)."""
+PREFETCH: Final = True
+"""Whether a slot takes its next job during a call while the queue holds at least
+as many jobs as the pool has slots, and writes a call's outcome while the next
+call runs (``--prefetch``)."""
 TAKE_BLOCK: Final = 0.5
 """Seconds one blocking take waits for a job before the slot looks at its lease again."""
 MAX_ATTEMPTS: Final = 3

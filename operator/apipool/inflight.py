@@ -18,15 +18,20 @@ Guarantees of :class:`InFlight` (see layout.py for TAKE, COMPLETE and REQUEUE):
 - after a take or a script whose reply may have been lost, the list is looked
   at (:meth:`~InFlight.hand_back_strays`) before the next take, so a job moved
   without our knowing is not left behind;
-- the next job is taken along with an outcome only while ``may_take_next()``.
+- the next job is taken along with an outcome only while ``may_take_next()``;
+- an outcome may be written behind the next call (:meth:`~InFlight.behind`),
+  one at a time; every other step on the list waits for it first
+  (:meth:`~InFlight.settled`), AHEAD included, so the list holds at most two
+  jobs: the one being called and one ahead, or the one being called and the
+  one whose outcome is on its way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -67,6 +72,8 @@ class InFlight:
         self.maybe_stray = False
         """A take or a script's reply may have been lost: look before the next take."""
         self._next: bytes | None = None
+        self._behind: asyncio.Task[Any] | None = None
+        """An outcome being written while the next job is called (:meth:`behind`)."""
         self.retrier = Retrier(
             stopping=stopping,
             grace=settings.timings.shutdown_grace,
@@ -79,6 +86,35 @@ class InFlight:
         # The script may have run with its reply lost, taking a job we do not
         # know of: look at the in-flight list before the next take.
         self.maybe_stray = True
+
+    # -- an outcome written behind the next call ---------------------------------------
+
+    def has_next(self) -> bool:
+        """Whether a job was taken ahead (or along with an outcome) and not popped yet."""
+        return self._next is not None
+
+    def behind(self, write: Coroutine[Any, Any, Any]) -> None:
+        """Write an outcome while the next job's call runs: its round trip leaves the
+        time between two calls. One at a time (the caller has waited for the last
+        through any step of this list); every later step waits for it first."""
+        assert self._behind is None or self._behind.done(), "one outcome behind at a time"
+        self._behind = asyncio.create_task(write, name="outcome-behind")
+
+    async def settled(self) -> None:
+        """Wait until an outcome written behind is in Redis (or was given up at a
+        stop, the job left in flight for the next incarnation to recover)."""
+        task = self._behind
+        if task is None or task is asyncio.current_task():
+            return
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                raise  # we were cancelled, not the write
+        except Exception:  # a bug of ours: the job stays in flight, recovered later
+            log.exception("writing an outcome behind the next call failed")
+        if task.done():
+            self._behind = None
 
     @property
     def refused(self) -> str | None:
@@ -112,6 +148,7 @@ class InFlight:
         accepts); what WAIT brings past ``max_envelope_bytes`` is dead-lettered
         here unread. A Redis error propagates (see :meth:`take_failed`)."""
         timeout = self.settings.timings.take_block
+        await self.settled()
         try:
             taken = await self.proto.take(self.slot).arun(self.r)
             self.retrier.taken(TAKING)
@@ -134,6 +171,7 @@ class InFlight:
         starts without a round trip once this call ends. Only one ahead, only
         while the queue is long enough that no other slot waits for it, only
         while a take is allowed; a failure just leaves it to the usual take."""
+        await self.settled()  # AHEAD takes nothing while that job is still listed
         if self._next is not None or not self.may_take_next():
             return
         try:
@@ -160,6 +198,7 @@ class InFlight:
         SHA-1, inside Redis: neither parsed nor sent back (an envelope over
         Redis's proto-max-bulk-len could not even be an argument of a step).
         ``only_if_any``: first look whether the list holds anything at all."""
+        await self.settled()
         if only_if_any and not await self.retrier.run("reading the in-flight list", self.length):
             return
         step = self.proto.drop_oversize(self.slot)
@@ -174,6 +213,19 @@ class InFlight:
             log.warning("%d over-limit envelope(s) dead-lettered by size, unread", count)
             if self.metrics is not None:
                 self.metrics.outcome(Outcome.DEAD, cause="malformed", count=count)
+
+    def peek_next(self) -> bytes | None:
+        """The job taken ahead, left where it is; None when there is none."""
+        return self._next
+
+    async def peek_kind(self, key: str) -> str | None:
+        """What ``key`` holds (``none``, ``list``, ...), read once; None when Redis
+        did not say (the usual check before the call then reads it again)."""
+        try:
+            answer = await self.r.type(key)
+        except RedisError:
+            return None
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def pop_next(self) -> bytes | None:
         """The job taken along with the last outcome, once; None when there is none."""
@@ -197,6 +249,7 @@ class InFlight:
     ) -> FinishCode | None:
         """Run a COMPLETE or REQUEUE step until Redis takes it; keep the next job it
         took. With ``raw``, a step Redis refuses is offered as a minimal dead letter."""
+        await self.settled()
         fallback = None if raw is None else self._minimal_dead_letter(raw)
         answer = await self.retrier.run(what, lambda: step.arun(self.r), fallback=fallback)
         if answer is None:
@@ -394,6 +447,7 @@ class InFlight:
     async def hand_back_strays(self) -> None:
         """When a reply may have been lost, hand back (unchanged, to the front)
         what sits in the list: taken by us, never started. Run while no call runs."""
+        await self.settled()  # a job written behind is not a stray
         if not self.maybe_stray:
             return
         self.maybe_stray = False

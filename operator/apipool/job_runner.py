@@ -90,6 +90,8 @@ class JobRunner:
         self.wait_lease_change = wait_lease_change
         self.overrun = False
         """A sync handler overran its timeout: the process must exit."""
+        self._known_kind: tuple[bytes, str, str] | None = None
+        """(job, its result key, what that key held), read during the previous call."""
 
     def may_take(self) -> bool:
         """Whether to take a job now (by a take or along with an outcome): not
@@ -178,7 +180,11 @@ class JobRunner:
         restart); else the job was dead-lettered, uncalled."""
         key = self.proto.result_key(env.id, env.reply_to)
         assert key is not None  # a parsed envelope has an id
-        kind = await self.inflight.result_key_kind(raw, key)
+        known, self._known_kind = self._known_kind, None
+        if known is not None and known[0] is raw and known[1] == key:
+            kind: str | None = known[2]  # read during the previous call
+        else:
+            kind = await self.inflight.result_key_kind(raw, key)
         if kind is None:  # Redis refused to say: dead-lettered already (or stopping)
             return False
         if kind in ("none", "list"):
@@ -232,7 +238,7 @@ class JobRunner:
         self.metrics.attempts.observe(env.attempt)
         self.metrics.busy.set(1)
         self.calls.start()
-        ahead = asyncio.create_task(self.inflight.prefetch()) if s.prefetch else None
+        ahead = asyncio.create_task(self._ready_next()) if s.prefetch else None
         try:
             result, failed = await self._invoke(handler, env.payload, call)
         finally:
@@ -242,6 +248,25 @@ class JobRunner:
         if failed is not None:
             return replace(failed, busy_ms=busy_ms)
         return self._judge(env, result, started_wall, busy_ms)
+
+    async def _ready_next(self) -> None:
+        """During a call: take the next job ahead (after the last outcome written
+        behind is in) and read what its result key holds, so that the next call
+        starts without a round trip. What fails here is done the usual way later."""
+        await self.inflight.prefetch()
+        raw = self.inflight.peek_next()
+        if raw is None:
+            return
+        try:
+            env = parse_envelope(raw, max_bytes=self.settings.limits.max_envelope_bytes)
+        except EnvelopeError:
+            return  # dead-lettered when its turn comes
+        key = self.proto.result_key(env.id, env.reply_to)
+        if key is None or self.proto.reply_to_problem(env.reply_to):
+            return
+        kind = await self.inflight.peek_kind(key)
+        if kind is not None:
+            self._known_kind = (raw, key, kind)
 
     async def _invoke(
         self, handler: Handler, payload: Any, call: Call
@@ -303,7 +328,19 @@ class JobRunner:
         return int(busy * 1000)
 
     async def _settle(self, raw: bytes, env: Envelope, attempt: Attempt) -> None:
-        """Write the outcome of a call: ok, retried, or dead after the last attempt."""
+        """Write the outcome of a call: ok, retried, or dead after the last attempt.
+        With the next job already taken ahead, the write goes on behind its call
+        (InFlight.behind); else it takes the next job along."""
+        later = self.settings.prefetch and self.inflight.has_next()
+        write = self._outcome(raw, env, attempt, take_next=not later)
+        if later:
+            self.inflight.behind(write)
+        else:
+            await write
+
+    async def _outcome(
+        self, raw: bytes, env: Envelope, attempt: Attempt, *, take_next: bool
+    ) -> None:
         max_attempts = self.settings.max_attempts
         if attempt.failure is None:
             self.metrics.outcome(Outcome.OK)
@@ -314,20 +351,20 @@ class JobRunner:
                 record=attempt.record,
                 outcome=Outcome.OK,
                 busy_ms=attempt.busy_ms,
-                take_next=True,
+                take_next=take_next,
             )
         elif attempt.permanent or env.attempt >= max_attempts:
             self.metrics.outcome(Outcome.DEAD, cause=attempt.cause)
             verdict = "failed for good" if attempt.permanent else "failed"
             reason = f"attempt {env.attempt} of {max_attempts} {verdict}: {attempt.failure}"
             await self.inflight.dead_letter(
-                raw, reason, env=env, busy_ms=attempt.busy_ms, take_next=True
+                raw, reason, env=env, busy_ms=attempt.busy_ms, take_next=take_next
             )
         else:
             self.metrics.outcome(Outcome.RETRIED, cause=attempt.cause)
             why = attempt.failure
             log.info("job %s attempt %d failed (%s); retrying", env.id, env.attempt, why)
-            await self.inflight.retry(raw, env, take_next=True)
+            await self.inflight.retry(raw, env, take_next=take_next)
 
 
 def _size(text: str) -> int:

@@ -12,9 +12,12 @@ handlers), binds the slot's health port, and then forks two children:
   read. It opens no connection and calls nothing until the keeper writes ``g``.
 
 The keeper learns of the active child's death at once (it is its parent) and of
-a hang when no byte has come for ``hang_window`` seconds. A hung child is
-SIGKILLed and **reaped** (its connections die with it) before anything else
-happens; then the standby is promoted: it takes the slot's lease over as the
+a hang when no byte has come for ``hang_window`` seconds of counted silence
+(silence.py: time the keeper itself did not run and time the runnable worker
+waited for a CPU do not count, so a busy or throttled node does not look like
+a hang).
+A hung child is SIGKILLed and **reaped** (its connections die with it) before
+anything else happens; then the standby is promoted: it takes the slot's lease over as the
 same owner (at once) and recovers the job the dead child left in flight, as any
 successor does. A new standby is forked from the keeper (already imported:
 milliseconds). So at most one process of a slot ever calls the API.
@@ -52,6 +55,7 @@ from .exitcodes import ExitCode
 from .handlers import Handler, load_handlers
 from .health import listening_socket
 from .settings import SlotSettings
+from .silence import SilenceClock, sample
 from .slot import SlotWorker
 
 log = logging.getLogger("apipool.keeper")
@@ -79,6 +83,7 @@ class Child:
     """Write end of the standby's go pipe (None once promoted)."""
     started: float
     last_beat: float
+    clock: SilenceClock
     beaten: bool = False
 
 
@@ -123,6 +128,7 @@ class Keeper:
         self.hangs = 0
         self._stop_asked = False
         self._standby_due: float | None = None
+        self._last_look = time.monotonic()
         self._sig_r, self._sig_w = os.pipe()
         os.set_blocking(self._sig_r, False)
         os.set_blocking(self._sig_w, False)
@@ -153,7 +159,7 @@ class Keeper:
         _close(beat_w, go_r)
         os.set_blocking(beat_r, False)
         now = time.monotonic()
-        return Child(pid, beat_r, go_w, now, now)
+        return Child(pid, beat_r, go_w, now, now, SilenceClock(self.window))
 
     def _child(self, beat_w: int, go_r: int | None) -> int:
         _die_with_parent()
@@ -208,6 +214,7 @@ class Keeper:
         standby.go_w = None
         now = time.monotonic()
         standby.started = standby.last_beat = now
+        standby.clock.heard(sample(standby.pid))
         self.active = standby
         self.promotions += 1
         log.warning("slot %d: %s; standby %d promoted", self.settings.slot, why, standby.pid)
@@ -259,8 +266,9 @@ class Keeper:
         """SIGKILL a hung active child and reap it: only then is its connection gone."""
         self.hangs += 1
         silent = time.monotonic() - active.last_beat
-        log.warning("slot %d: worker %d silent for %.2f s; killing it",
-                    self.settings.slot, active.pid, silent)  # fmt: skip
+        counted = active.clock.silent
+        log.warning("slot %d: worker %d silent for %.2f s (%.2f s counted); killing it",
+                    self.settings.slot, active.pid, silent, counted)  # fmt: skip
         with contextlib.suppress(ProcessLookupError):
             os.kill(active.pid, signal.SIGKILL)
         deadline = time.monotonic() + REAP_TIMEOUT
@@ -318,9 +326,15 @@ class Keeper:
         ready, _, _ = select.select(fds, [], [], TICK)
         if self._sig_r in ready:
             self._drain(self._sig_r)
-        if active is not None and active.beat_r in ready and self._drain(active.beat_r):
-            active.last_beat = time.monotonic()
-            active.beaten = True
+        now = time.monotonic()
+        elapsed, self._last_look = now - self._last_look, now
+        if active is not None:
+            if active.beat_r in ready and self._drain(active.beat_r):
+                active.last_beat = now
+                active.beaten = True
+                active.clock.heard(sample(active.pid))
+            else:
+                active.clock.look(elapsed, sample(active.pid))
         self._reap()
         parent = self.settings.parent_pid
         if self._stop_asked or (parent is not None and os.getppid() != parent):
@@ -337,8 +351,8 @@ class Keeper:
             self.standby = self._fork(standby=True)
         if active is None:
             return
-        allowance = self.window if active.beaten else STARTUP_ALLOWANCE
-        if now - active.last_beat > allowance:
+        # Silence counted since the last beat; before the first, a start's allowance.
+        if active.clock.hung if active.beaten else now - active.last_beat > STARTUP_ALLOWANCE:
             self._kill_hung(active)
 
     # -- the loop ----------------------------------------------------------------------

@@ -205,6 +205,7 @@ class SlotWorker:
         unstarted = self.inflight.pop_next()
         if unstarted is not None:  # taken along with the last outcome, never started
             await self.inflight.hand_back(unstarted)
+        await self.inflight.settled()  # an outcome written behind the last call
 
     # -- lifecycle -----------------------------------------------------------------
 

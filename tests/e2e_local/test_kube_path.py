@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from apipool import defaults
 from apipool.testing.polling import wait_for
 
 from .cluster import LocalCluster
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.e2e_local, pytest.mark.timeout(600)]
 
 SLOTS = 4
 POOL = "kube"
-HANG_WINDOW = 1.0  # the keeper's (spec.hangWindowSeconds, default)
+HANG_WINDOW = defaults.HANG_WINDOW  # the keeper's (spec.hangWindowSeconds, default)
 
 
 def under_load(cluster: LocalCluster) -> tuple[Load, KubeChaos]:

@@ -263,7 +263,7 @@ def test_slot_pods_run_a_keeper_with_a_standby_unless_switched_off() -> None:
 
     default = args()
     assert default[default.index("--standby") + 1] == "true"
-    assert default[default.index("--hang-window") + 1] == "1"
+    assert default[default.index("--hang-window") + 1] == "0.5"
     off = args(standby=False, hangWindowSeconds=2.5)
     assert off[off.index("--standby") + 1] == "false"
     assert off[off.index("--hang-window") + 1] == "2.5"
