@@ -13,6 +13,7 @@ BENCHMARKS = (
     "goodput",
     "chaos",
     "failover",
+    "shared-limit",
     "false-kills",
     "handoff",
     "overhead",

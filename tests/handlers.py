@@ -135,3 +135,27 @@ def gated(payload: Any, call: Call) -> dict[str, int]:
 def die(payload: Any, call: Call) -> None:
     """The worker process dies on the spot (a crash no handler code can catch)."""
     os._exit(3)
+
+
+# -- an API that says "slow down" (tests/test_throttled_slot.py) ----------------------
+
+
+def slow_down(payload: Any, call: Call) -> dict[str, Any]:
+    """Logs ``<start unix time> <job id> <attempt> <slot>`` to ``payload["log"]``; the
+    first ``payload["times"]`` calls of a job (counted in ``<log>.<job id>``)
+    raise RetryAfter(``payload.get("retry_after")``), the others sleep
+    ``payload.get("seconds", 0.05)`` and answer."""
+    from apipool.errors import RetryAfter
+
+    start = time.time()
+    with open(payload["log"], "a") as log:
+        log.write(f"{start:.4f} {call.job_id} {call.attempt} {call.slot}\n")
+    marks = f"{payload['log']}.{call.job_id}"
+    with open(marks, "a+") as f:
+        f.seek(0)
+        seen = len(f.read())
+        f.write("x")
+    if seen < int(payload.get("times", 0)):
+        raise RetryAfter(payload.get("retry_after"))
+    time.sleep(float(payload.get("seconds", 0.05)))
+    return {"started": start, "attempt": call.attempt}

@@ -381,8 +381,8 @@ def test_an_envelope_over_the_limit_queued_before_the_take_never_reaches_the_slo
     assert echo_round_trip(r, f"{pool}-ref", "ref")["status"] == "ok"
     assert_dead_by_size(r, pool, raw, 1 << 20)
     peak, baseline = peak_rss_bytes(slot.proc.pid), peak_rss_bytes(reference.proc.pid)
+    # Within 16 MiB of the slot that never saw it: never a third of the 50 MB read.
     assert peak < baseline + 16 * 1024 * 1024, (peak, baseline)
-    assert peak < len(raw)
 
 
 @pytest.mark.timeout(60)

@@ -15,7 +15,9 @@ import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from email.utils import formatdate
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import pytest_asyncio
@@ -23,7 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from apipool.errors import ConfigError, PermanentError
+from apipool.errors import ConfigError, PermanentError, RetryAfter
 from apipool.handlers import Call, load_handler, load_handlers
 from apipool.http_handler import (
     HttpCallError,
@@ -155,7 +157,9 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         text = f'upstream unavailable {{"Authorization": "Bearer {SECRET}"}}'
-        return web.Response(status=int(request.match_info["code"]), text=text)
+        said = request.query.get("retry_after")
+        headers = {} if said is None else {"Retry-After": said}
+        return web.Response(status=int(request.match_info["code"]), text=text, headers=headers)
 
     async def big(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(100 << 20)})
@@ -466,13 +470,48 @@ async def test_one_connection_is_kept_alive_between_calls(make: Make, api: Api) 
 
 
 @pytest.mark.asyncio
-async def test_429_and_5xx_are_retried_errors(make: Make, api: Api) -> None:
+async def test_5xx_are_retried_errors(make: Make, api: Api) -> None:
     handler = make(f"{api.base}/")
-    for code in (429, 503):
+    for code in (500, 502, 503):
         with pytest.raises(HttpCallError, match=f"HTTP {code} from") as caught:
             await handler(get(f"{api.base}/status/{code}"), CALL)
         assert not isinstance(caught.value, PermanentError)
     assert (await handler(get(f"{api.base}/status/404"), CALL))["status"] == 404
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("code", "said", "seconds"),
+    [
+        (429, None, None),  # no Retry-After: the job backs off
+        (429, "7", 7.0),
+        (429, "0", 0.0),
+        (429, "soon", None),  # unreadable: as if absent
+        (429, "-3", None),
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: now
+        (503, "12", 12.0),  # 503 with Retry-After: the API asks to wait
+    ],
+)
+async def test_429_and_503_with_retry_after_say_slow_down(
+    make: Make, api: Api, code: int, said: str | None, seconds: float | None
+) -> None:
+    """Not a failed attempt: RetryAfter with the seconds the API asked for."""
+    handler = make(f"{api.base}/")
+    query = "" if said is None else "?" + urlencode({"retry_after": said})
+    with pytest.raises(RetryAfter, match=f"HTTP {code} from") as caught:
+        await handler(get(f"{api.base}/status/{code}{query}"), CALL)
+    assert caught.value.seconds == seconds
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_retry_after_as_an_http_date_counts_from_now(make: Make, api: Api) -> None:
+    handler = make(f"{api.base}/")
+    when = formatdate(time.time() + 30, usegmt=True)
+    with pytest.raises(RetryAfter) as caught:
+        await handler(get(f"{api.base}/status/429?" + urlencode({"retry_after": when})), CALL)
+    assert caught.value.seconds is not None
+    assert 25 <= caught.value.seconds <= 31
 
 
 # -- headers and bad payloads -------------------------------------------------------

@@ -185,6 +185,7 @@ def test_a_plain_install_requires_redis_alone() -> None:
         (["up", "--pool", "p", "--slots", "1"], "aiohttp", "slot"),
         (["operator"], "kopf", "operator"),
         (["demo", "--duration", "1"], "rich", "demo"),
+        (["report", "--pool", "p"], "rich", "demo"),
     ],
 )
 def test_a_command_whose_extra_is_missing_says_which_to_install(

@@ -33,6 +33,7 @@ from redis.exceptions import NoPermissionError
 
 from apipool import Client, RedisUnavailable
 from apipool.layout import PoolKeys
+from apipool.ledger import read_ledger
 from apipool.operator import redis_ops
 from apipool.protocol import PoolProtocol
 from apipool.stats import read_stats, write_pool_config
@@ -205,8 +206,35 @@ def test_a_producer_and_a_slot_serve_jobs_as_their_users(
     stats = read_stats(acl.client("producer"), pool)  # what ``apipool stats`` reads
     assert stats.counters["ok"] == 5
     assert stats.slots == 1
+    for role in ("producer", "operator"):  # ``apipool report``, the operator's status
+        wait_for(
+            lambda role=role: read_ledger(acl.client(role), pool, seconds=120).states["calling"],
+            10,
+            what="the slot's calls in its ledger",
+        )
     assert acl.denials() == []
     assert slot.status("/readyz") == 200
+
+
+def test_throttled_jobs_pause_and_adapt_the_pool_under_the_slot_user(
+    acl: AclUsers, start_slot: StartSlot, pool: str, tmp_path: Path
+) -> None:
+    """THROTTLE and SIGNALS touch only what the slot's ACL grants: a job the API
+    told to wait (Retry-After: a pause) and one it refused without it (the
+    effective concurrency lowered) both end ok, with no ACL denial."""
+    write_pool_config(acl.client("operator"), pool, slots=2)
+    slot = start_slot(handler="tests.handlers:slow_down")
+    ready(slot)
+    log = tmp_path / "calls.log"
+    with Client(acl.url("producer"), pool) as client:
+        paused = client.submit({"log": str(log), "times": 1, "retry_after": 0.3})
+        adapted = client.submit({"log": str(log), "times": 1})
+        assert client.wait(paused, 15).status == "ok"
+        assert client.wait(adapted, 15).status == "ok"
+    keys = PoolKeys(pool)
+    assert acl.admin.hget(keys.stats, "throttled") == b"2"
+    assert acl.admin.get(keys.effective) in (b"1", None)  # lowered, or back to N by now
+    assert acl.denials() == []
 
 
 def test_each_user_is_kept_to_what_its_role_touches(acl: AclUsers, pool: str) -> None:

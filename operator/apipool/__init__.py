@@ -18,6 +18,7 @@ from .errors import (
     QueueFull,
     RedisUnavailable,
     ResultTimeout,
+    RetryAfter,
 )
 from .handlers import Call
 
@@ -37,5 +38,6 @@ __all__ = [
     "QueueFull",
     "RedisUnavailable",
     "ResultTimeout",
+    "RetryAfter",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``apipool`` command line: up, slot, submit, result, stats, demo."""
+"""The ``apipool`` command line: up, slot, submit, result, stats, report, demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -25,6 +25,9 @@ from .settings import (
     Timings,
     default_redis_url,
 )
+
+if TYPE_CHECKING:
+    from .ledger import SlotSeconds
 
 EXTRA_OF_MODULE = {
     "aiohttp": "slot",
@@ -62,6 +65,22 @@ def _count(value: str) -> int:
     number = int(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``2d``: seconds (> 0)."""
+    text = value.strip().lower()
+    unit = DURATION_UNITS.get(text[-1:], 0)
+    try:
+        number = float(text[:-1]) * unit if unit else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a duration like 90s, 15m, 1h, got {value}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
 
 
@@ -103,6 +122,20 @@ def _add_slot_options(p: argparse.ArgumentParser) -> None:
         default=defaults.PREFETCH,
         metavar="BOOL",
         help="take the next job during a call while the queue is long (true/false)",
+    )
+    p.add_argument(
+        "--adaptive",
+        type=_flag,
+        default=defaults.ADAPTIVE,
+        metavar="BOOL",
+        help="use fewer than N slots while the API keeps answering 429 (true/false)",
+    )
+    p.add_argument(
+        "--max-pause",
+        type=_count_float,
+        default=defaults.MAX_PAUSE,
+        metavar="S",
+        help="longest pool-wide pause a Retry-After may ask for",
     )
     p.add_argument(
         "--hang-window",
@@ -218,6 +251,16 @@ def _add_producer_commands(sub: Any) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--dead", type=_count, default=0, metavar="K",
                        help="also show the K newest dead letters")  # fmt: skip
+    stats.add_argument("--since", type=_duration, default=300.0, metavar="D",
+                       help="slot-seconds by state over this long (default 5m)")  # fmt: skip
+
+    report = sub.add_parser(
+        "report", help="one screen: share of paid capacity used, lost capacity by cause"
+    )
+    _add_redis(report)
+    report.add_argument("--since", type=_duration, default=3600.0, metavar="D",
+                        help="how far back: 90s, 15m, 1h, 2d (default 1h)")  # fmt: skip
+    report.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_other_commands(sub: Any) -> None:
@@ -286,6 +329,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         standby=args.standby,
         prefetch=args.prefetch,
+        adaptive=args.adaptive,
+        max_pause=args.max_pause,
     )
     return asyncio.run(Supervisor(settings).run())
 
@@ -308,6 +353,8 @@ def slot_settings(args: argparse.Namespace) -> SlotSettings:
         parent_pid=args.parent_pid,
         standby=args.standby,
         prefetch=args.prefetch,
+        adaptive=args.adaptive,
+        max_pause=args.max_pause,
     )
 
 
@@ -359,10 +406,12 @@ def _cmd_result(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .layout import PoolKeys
+    from .ledger import read_ledger
     from .stats import read_stats
 
     with redis.Redis.from_url(_need_redis(args), socket_timeout=5) as r:
         stats = read_stats(r, args.pool)
+        seconds = read_ledger(r, args.pool, seconds=args.since)
         dead = (
             [json.loads(x) for x in r.lrange(PoolKeys(args.pool).dead, 0, args.dead - 1)]
             if args.dead
@@ -370,6 +419,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         )
     if args.json:
         doc = stats.to_dict()
+        doc["slot_seconds"] = seconds.to_dict()
         if dead:
             doc["dead"] = dead
         print(json.dumps(doc, sort_keys=True))
@@ -378,12 +428,44 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"pool {stats.pool}: {stats.slots} slots, {stats.busy} busy"
           f" ({'-' if util is None else f'{util:.0%}'}), {stats.queued} queued,"
           f" {stats.dead_letters} dead letters")  # fmt: skip
+    effective = stats.effective_slots
+    if effective is not None and effective < stats.slots:
+        print(f"  effective concurrency {effective} of {stats.slots} (the API refused above it)")
+    paused = stats.paused_until
+    if paused is not None and paused > time.time():
+        print(f"  paused by the API's Retry-After for {paused - time.time():.1f} s more")
     for i, n in sorted(stats.inflight.items()):
         holder = stats.leases.get(i, "(no lease)")
         print(f"  slot {i}: {'busy' if n else 'idle'}  lease {holder}")
     print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.counters.items())))
+    print(f"  {_states_line(seconds)}")
     for entry in dead:
         print(f"  dead {entry.get('id')}: {entry.get('reason')}")
+    return 0
+
+
+def _states_line(seconds: SlotSeconds) -> str:
+    """Slot-seconds by state, as shares of the paid capacity, on one line."""
+    if seconds.capacity <= 0:
+        return "slot-seconds: none recorded"
+    parts = {"calling": seconds.states.get("calling", 0.0), **seconds.losses}
+    shares = ", ".join(
+        f"{name}={value / seconds.capacity:.1%}" for name, value in parts.items() if value > 0
+    )
+    return f"slot-seconds since {time.strftime('%H:%M:%S', time.gmtime(seconds.since))}: {shares}"
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .ledger import read_ledger
+
+    if args.json:
+        with redis.Redis.from_url(_need_redis(args), socket_timeout=5) as r:
+            print(json.dumps(read_ledger(r, args.pool, seconds=args.since).to_dict()))
+        return 0
+    from .report import print_report  # needs rich (the demo extra): checked before Redis
+
+    with redis.Redis.from_url(_need_redis(args), socket_timeout=5) as r:
+        print_report(read_ledger(r, args.pool, seconds=args.since))
     return 0
 
 
@@ -428,6 +510,7 @@ COMMANDS = {
     "submit": _cmd_submit,
     "result": _cmd_result,
     "stats": _cmd_stats,
+    "report": _cmd_report,
     "demo": _cmd_demo,
 }
 

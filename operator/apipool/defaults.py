@@ -23,6 +23,14 @@ waited for a CPU, or its keeper did not run, does not count: silence.py) before
 the keeper kills it and promotes the standby (docs/design.md, "The hang window")."""
 STANDBY: Final = True
 """Whether a slot runs under a keeper with a warm standby (``--standby``)."""
+ADAPTIVE: Final = True
+"""Whether a pool uses fewer than N slots while the API keeps answering 429 and
+climbs back to N when it stops (``--adaptive``, ``spec.adaptive``)."""
+MAX_PAUSE: Final = 300.0
+"""The longest pool-wide pause a Retry-After can ask for, in seconds (``--max-pause``)."""
+PROBE_INTERVAL: Final = 2.0
+"""Seconds without a 429 after which an adapted pool tries one more slot (then
+2, 4, ... while none comes)."""
 PREFETCH: Final = True
 """Whether a slot takes its next job during a call while the queue holds at least
 as many jobs as the pool has slots, and writes a call's outcome while the next

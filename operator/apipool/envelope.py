@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
@@ -32,8 +32,11 @@ from .protocol import Outcome
 from .redact import redact_payload, redact_text
 
 ENVELOPE_FIELDS = frozenset(
-    {"id", "payload", "submitted_at", "attempt", "deadline", "reply_to", "handler", "meta"}
-)
+    {
+        "id", "payload", "submitted_at", "attempt", "deadline", "reply_to", "handler", "meta",
+        "not_before", "throttled",
+    }
+)  # fmt: skip
 REQUIRED_FIELDS = ("id", "payload", "submitted_at", "attempt")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -54,6 +57,10 @@ class Envelope:
     reply_to: str | None = None
     handler: str | None = None
     meta: dict[str, Any] | None = field(default=None)
+    not_before: float | None = None
+    """Unix time before which no slot calls it (the API said to wait: throttling.py)."""
+    throttled: int = 0
+    """Times the API answered it "slow down" (429); they cost no attempt."""
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {
@@ -62,10 +69,12 @@ class Envelope:
             "submitted_at": self.submitted_at,
             "attempt": self.attempt,
         }
-        for name in ("deadline", "reply_to", "handler", "meta"):
+        for name in ("deadline", "reply_to", "handler", "meta", "not_before"):
             value = getattr(self, name)
             if value is not None:
                 doc[name] = value
+        if self.throttled:
+            doc["throttled"] = self.throttled
         # Unescaped text keeps a retried envelope the size the producer sent (an
         # escaped é is 6 bytes), unless it holds a lone surrogate, which UTF-8
         # cannot carry and only an escape can.
@@ -86,7 +95,16 @@ class Envelope:
             reply_to=self.reply_to,
             handler=self.handler,
             meta=self.meta,
+            throttled=self.throttled,
         )
+
+    def throttled_again(self, not_before: float) -> Envelope:
+        """The same attempt again, not before ``not_before`` (the API said 429)."""
+        return replace(self, not_before=round(not_before, 3), throttled=self.throttled + 1)
+
+    def wait_before_call(self, now: float) -> float:
+        """Seconds until the job may be called (0: now)."""
+        return max(0.0, self.not_before - now) if self.not_before is not None else 0.0
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -117,6 +135,11 @@ def make_envelope(
     return env
 
 
+def _integral(value: Any) -> Any:
+    """1.0 as 1 (JSON Schema counts 1.0 as an integer too); anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _is_number(value: Any) -> bool:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
@@ -141,6 +164,10 @@ def _check_fields(env: Envelope) -> None:
             raise EnvelopeError(f"field {name!r} must be a non-empty string or null")
     if env.meta is not None and not isinstance(env.meta, dict):
         raise EnvelopeError("field 'meta' must be an object or null")
+    if env.not_before is not None and (not _is_number(env.not_before) or env.not_before < 0):
+        raise EnvelopeError("field 'not_before' must be a unix time in seconds or null")
+    if not isinstance(env.throttled, int) or isinstance(env.throttled, bool) or env.throttled < 0:
+        raise EnvelopeError("field 'throttled' must be an integer >= 0")
 
 
 # -- reading untrusted JSON, bounded -------------------------------------------------
@@ -246,9 +273,7 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_B
         if len(names) > 200:
             names = f"{names[:200]}... ({len(unknown)} in all)"
         raise EnvelopeError(f"envelope has unknown field(s): {names} (put free data in 'meta')")
-    attempt = doc["attempt"]
-    if isinstance(attempt, float) and attempt.is_integer():
-        attempt = int(attempt)  # JSON Schema counts 1.0 as an integer too
+    attempt = _integral(doc["attempt"])
     env = Envelope(
         id=doc["id"],
         payload=doc["payload"],
@@ -258,6 +283,8 @@ def parse_envelope(raw: str | bytes, *, max_bytes: int = defaults.MAX_ENVELOPE_B
         reply_to=doc.get("reply_to"),
         handler=doc.get("handler"),
         meta=doc.get("meta"),
+        not_before=doc.get("not_before"),
+        throttled=_integral(doc.get("throttled", 0)),
     )
     _check_fields(env)
     return env

@@ -56,3 +56,19 @@ class PermanentError(Exception):
     """Raise from a handler when retrying cannot help (an invalid payload, a
     request the API will always refuse): the job is dead-lettered at once with
     this message instead of being called again up to ``max_attempts`` times."""
+
+
+class RetryAfter(Exception):
+    """Raise from a handler when the API said "slow down" (a 429, a quota):
+    the job goes back to the head of the queue and keeps its attempt count.
+    ``seconds``: how long the API asked to wait (its Retry-After); the whole pool
+    then pauses that long (at most the slots' ``max_pause``). None: it did not
+    say; this job waits a back-off that grows with each such answer, and the
+    pool uses one slot fewer for a while (adaptive, docs/design.md)."""
+
+    def __init__(self, seconds: float | None = None, message: str = "") -> None:
+        if seconds is not None and not seconds >= 0:  # also refuses NaN
+            raise ValueError(f"RetryAfter seconds must be >= 0 or None, got {seconds!r}")
+        self.seconds = seconds
+        said = "without Retry-After" if seconds is None else f"Retry-After {seconds:g} s"
+        super().__init__(message or f"the API asked to slow down ({said})")

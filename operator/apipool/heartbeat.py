@@ -14,7 +14,15 @@ Guarantees of :class:`Heartbeat`:
 - when the process's parent is no longer ``parent_pid`` (the local supervisor is
   gone), ``on_orphaned`` is called, once;
 - :meth:`Heartbeat.run` ends when cancelled, also when redis-py turned the cancel
-  into a :class:`~redis.exceptions.RedisError` inside a command.
+  into a :class:`~redis.exceptions.RedisError` inside a command;
+- given the slot's :class:`~apipool.slot_time.SlotTime`, each beat tells it
+  whether the slot is fenced (Redis unreachable or refusing, or the lease not
+  valid) and writes the seconds per state since the previous beat to the
+  pool's ledger (LEDGER in layout.py), split at minute boundaries. The write
+  runs beside the beats, never in their way; a failed one is counted and its
+  seconds are written with the next one, so none is lost while the process
+  lives (a surplus slot's seconds are not the pool's and are dropped).
+  :meth:`Heartbeat.close_ledger` writes the last ones at a stop.
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .lease import Lease
+from .ledger import Buckets, by_minute, merge_buckets
 from .metrics import SlotMetrics
 from .redis_checks import EvictionGuard, error_kind, exception_text
+from .slot_time import SlotTime
 
 log = logging.getLogger("apipool.slot")
 
@@ -48,6 +58,8 @@ class Heartbeat:
         on_orphaned: Callable[[], None] | None = None,
         eviction: EvictionGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        slot_time: SlotTime | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.lease = lease
         self.r = r
@@ -63,6 +75,14 @@ class Heartbeat:
         """Why Redis refused the latest beat (a permanent error); None when it did not."""
         self._changed = asyncio.Event()
         self._orphaned = False
+        self.slot_time = slot_time
+        self._wall = wall
+        self._pending: Buckets = {}
+        """Ledger seconds not written yet: {minute: {state: seconds}}."""
+        self._ledger_task: asyncio.Task[bool] | None = None
+        self.ledger_failures = 0
+        self._ledger_ok = True
+        """Ledger writes that failed (their seconds went with a later write)."""
 
     def since_tick(self) -> float:
         """Seconds since the latest beat started."""
@@ -85,7 +105,64 @@ class Heartbeat:
             if was_held and not self.lease.held:
                 self.metrics.lease_losses.inc()
             self.metrics.lease_held.set(1 if self.lease.valid_for(0) else 0)
+        self._account()
         self._changed.set()
+
+    # -- the ledger ------------------------------------------------------------------
+
+    def _account(self) -> None:
+        """Tell the slot's time whether it is fenced, and start a ledger write."""
+        if self.slot_time is None:
+            return
+        usable = self.redis_ok and self.refused is None and self.lease.valid_for(0)
+        self.slot_time.fence(not usable)
+        self._take_seconds()
+        if self._ledger_task is None or self._ledger_task.done():
+            self._ledger_task = asyncio.create_task(self._write_ledger(), name="ledger")
+
+    def _take_seconds(self) -> None:
+        if self.slot_time is None:
+            return
+        deltas = self.slot_time.take_deltas()
+        if self.lease.surplus:
+            return  # beyond the pool's size: not the pool's capacity
+        merge_buckets(self._pending, by_minute(deltas, self._wall()))
+
+    async def _write_ledger(self) -> bool:
+        """Write every pending second in one step; on a Redis error keep them."""
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, {}
+        try:
+            await self.lease.proto.ledger(batch).arun(self.r)
+        except RedisError as exc:
+            merge_buckets(self._pending, batch)
+            self.ledger_failures += 1
+            if self.metrics is not None:  # not in redis_errors: those are the work's steps
+                self.metrics.ledger_errors.inc()
+            level = logging.WARNING if self._ledger_ok else logging.DEBUG
+            log.log(level, "ledger write failed (kept for the next): %s", exception_text(exc))
+            self._ledger_ok = False
+            return False
+        self._ledger_ok = True
+        return True
+
+    async def close_ledger(self) -> bool:
+        """At a stop, after :meth:`run` ended: write the seconds up to now."""
+        if self._ledger_task is not None:
+            await asyncio.gather(self._ledger_task, return_exceptions=True)
+        self._take_seconds()
+        written = await self._write_ledger()
+        if self.slot_time is not None:
+            totals = self.slot_time.totals()
+            log.info(
+                "slot %d accounted %.3f s: %s%s",
+                self.lease.slot,
+                sum(totals.values()),
+                " ".join(f"{state}={seconds:.3f}" for state, seconds in totals.items()),
+                "" if written else " (the last seconds could not be written to the ledger)",
+            )
+        return written
 
     def _failed(self, exc: RedisError) -> None:
         text = exception_text(exc)

@@ -9,7 +9,9 @@ Safe by default, because whoever can push a job chooses the request:
   :data:`MAX_REDIRECTS`, each target checked again, and credentials never sent
   to another origin than the payload's URL;
 - no cookie jar: nothing one job receives is sent with another;
-- the body is read in chunks and the call fails past ``max_response_bytes``.
+- the body is read in chunks and the call fails past ``max_response_bytes``;
+- a 429, or a 503 with ``Retry-After``, is the API saying "slow down": it raises
+  :class:`~apipool.errors.RetryAfter` with the seconds asked for (throttling.py).
 
 One aiohttp session per slot process (per policy) holds at most ONE connection,
 kept alive between calls; it dies with the process, so N slots never hold more
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +33,7 @@ from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import PermanentError
+from .errors import PermanentError, RetryAfter
 from .handlers import Call
 from .http_request import (
     HTTP_METHODS,
@@ -41,6 +44,7 @@ from .http_request import (
 )
 from .redact import redact_text, redact_url
 from .settings import HttpPolicy, Limits
+from .throttling import parse_retry_after
 from .url_policy import CheckedResolver, UrlPolicy, UrlRefused, origin
 
 __all__ = [
@@ -105,8 +109,9 @@ class HttpHandler:
         _handlers.add(self)
 
     async def __call__(self, payload: Any, call: Call) -> dict[str, Any]:
-        """Perform the request; 429, 5xx and connection errors raise HttpCallError
-        (retried), a request that cannot succeed raises a PermanentError."""
+        """Perform the request; 429 (and 503 with Retry-After) raise RetryAfter (the
+        job waits, no attempt used), other 5xx and connection errors raise
+        HttpCallError (retried), a request that cannot succeed a PermanentError."""
         method, url_text, headers, data, timeout = parse_http_request(payload)
         url = parse_url(url_text)
         self.urls.check(url)
@@ -174,7 +179,13 @@ class HttpHandler:
         if status == 429 or status >= 500:
             preview = await response.content.read(ERROR_PREVIEW_BYTES)
             text = redact_text(_decode(preview, response.charset)[:200], self.policy.redact_headers)
-            raise HttpCallError(f"HTTP {status} from {redact_url(str(url))}: {text}")
+            said = response.headers.get("Retry-After")
+            message = f"HTTP {status} from {redact_url(str(url))}: {text}"
+            wait = parse_retry_after(said, time.time())
+            if status == 429 or (status == 503 and wait is not None):
+                # The API said "slow down": not a failed attempt (throttling.py).
+                raise RetryAfter(wait, message)
+            raise HttpCallError(message)
         body = await self._read_body(response, url)
         return {
             "status": status,

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -38,7 +40,7 @@ from redis.exceptions import RedisError
 
 from .envelope import Envelope
 from .metrics import SlotMetrics
-from .protocol import FinishCode, Finished, Outcome, PoolProtocol, Step
+from .protocol import FinishCode, Finished, Outcome, PoolProtocol, Step, Throttled
 from .recovery import DeadLetter, dead_letter, recover, recovery_step
 from .redact import redact_text
 from .retrying import Retrier
@@ -72,6 +74,8 @@ class InFlight:
         self.maybe_stray = False
         """A take or a script's reply may have been lost: look before the next take."""
         self._next: bytes | None = None
+        self.waiting: Callable[[], AbstractContextManager[object]] = nullcontext
+        """Entered around the blocking take on an empty queue (slot time)."""
         self._behind: asyncio.Task[Any] | None = None
         """An outcome being written while the next job is called (:meth:`behind`)."""
         self.retrier = Retrier(
@@ -155,7 +159,8 @@ class InFlight:
             self.oversize_dropped(taken.skipped)
             if taken.job is not None:
                 return taken.job
-            raw = await self.r.blmove(self.proto.keys.queue, self.key, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            with self.waiting():
+                raw = await self.r.blmove(self.proto.keys.queue, self.key, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
         except RedisError:
             self.maybe_stray = True  # the move may have happened with its reply lost
             raise
@@ -407,6 +412,39 @@ class InFlight:
             take_next=self._take_next(take_next),
         )
         return await self._run("requeueing a job", step, raw=raw) == FinishCode.DONE
+
+    async def throttle(
+        self, raw: bytes, again: Envelope, *, pause: float, adapt: bool
+    ) -> Throttled | None:
+        """The API said "slow down" to job ``raw``: queue ``again`` (the same
+        attempt, a ``not_before``) at the head, pause the pool ``pause`` seconds
+        (0: no pause), with ``adapt`` one slot fewer in use (THROTTLE). Retried
+        until Redis takes it; None when a stop gave up (the job stays in flight).
+        An envelope that would no longer fit the size limit is dead-lettered."""
+        text = again.to_json()
+        size, limit = len(text.encode()), self.settings.limits.max_envelope_bytes
+        if size > limit:
+            reason = (
+                f"the API asked to slow down and the job's next envelope of {size} bytes "
+                f"would be over the limit of {limit} bytes"
+            )
+            await self.dead_letter(raw, reason, env=again)
+            return None
+        await self.settled()
+        now = time.time()
+        step = self.proto.throttle(
+            self.slot,
+            raw,
+            text,
+            pause_ms=int(pause * 1000),
+            pause_until=now + pause,
+            adapt=adapt,
+            now_ms=int(now * 1000),
+        )
+        answer = await self.retrier.run("throttling a job", lambda: step.arun(self.r))
+        if answer is not None and answer.code == FinishCode.GONE:
+            log.warning("job %s was no longer in flight here; not queued again", again.id)
+        return answer
 
     async def hand_back(self, raw: bytes) -> bool:
         """Put a job taken but never started back at the front of the queue, unchanged."""

@@ -28,28 +28,37 @@ Guarantees of :class:`JobRunner`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from . import defaults
 from .envelope import Envelope, parse_envelope, result_record
-from .errors import EnvelopeError, PermanentError
+from .errors import EnvelopeError, PermanentError, RetryAfter
 from .handlers import Call, Handler
 from .inflight import InFlight
 from .lease import Lease
 from .metrics import FailureCause, SlotMetrics
 from .probes import CallTracker
-from .protocol import Outcome
+from .protocol import FinishCode, Outcome, Signals
 from .recovery import attempt_problem
 from .redis_checks import exception_text
 from .settings import SlotSettings
+from .throttling import PoolSignals, backoff
 
 log = logging.getLogger("apipool.slot")
+
+PARKED_LOOK = 0.25
+"""Seconds between two looks of a parked slot at the pool's effective concurrency."""
+HOLD_LOOK = 1.0
+"""Seconds a held job waits before the slot looks at the pool's pause again."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,10 @@ class Attempt:
     """Failure cause for the metrics: ``error``, ``timeout``, ``permanent``, ``bad result``."""
     permanent: bool = False
     """Retrying cannot help: dead-letter the job now, whatever attempts are left."""
+    throttled: bool = False
+    """The API said "slow down": not a failed attempt (throttling.py)."""
+    retry_after: float | None = None
+    """With ``throttled``: the seconds it asked to wait, if it said."""
 
 
 class JobRunner:
@@ -77,6 +90,7 @@ class JobRunner:
         metrics: SlotMetrics,
         stopping: asyncio.Event,
         wait_lease_change: Callable[[float], Awaitable[None]],
+        held_back: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
         self.settings = settings
         self.timings = settings.timings
@@ -90,6 +104,10 @@ class JobRunner:
         self.wait_lease_change = wait_lease_change
         self.overrun = False
         """A sync handler overran its timeout: the process must exit."""
+        self.held_back = held_back
+        """Entered while a job waits for a pause or its not_before (slot time)."""
+        self.signals = PoolSignals(settings.slot)
+        """The pool's pause and effective concurrency, as last heard."""
         self._known_kind: tuple[bytes, str, str] | None = None
         """(job, its result key, what that key held), read during the previous call."""
 
@@ -101,8 +119,54 @@ class JobRunner:
         return (
             not self.stopping.is_set()
             and not self.overrun
+            and not self.signals.parked
             and self.lease.valid_for(t.call_timeout + t.fence_margin + t.take_block)
         )
+
+    @property
+    def parked(self) -> bool:
+        """Above the pool's effective concurrency: no take, no call."""
+        return self.signals.parked
+
+    async def refresh_signals(self, *, force: bool = False) -> None:
+        """Read the pool's pause and effective concurrency (SIGNALS), at most every
+        SIGNALS_EVERY seconds unless ``force``; with adaptation, this read is also
+        what raises the effective concurrency again. A Redis error: next time."""
+        mono = time.monotonic()
+        if not force and not self.signals.due(mono):
+            return
+        self.signals.read_at = mono
+        s = self.settings
+        step = self.proto.signals(
+            adapt=s.adaptive,
+            probe_ms=int(defaults.PROBE_INTERVAL * 1000),
+            now_ms=int(time.time() * 1000),
+        )
+        try:
+            answer = await step.arun(self.inflight.r)
+        except RedisError:
+            return
+        self._heard(answer)
+
+    async def wait_unparked(self) -> None:
+        """While parked: look at the signals again every PARKED_LOOK seconds, for
+        at most one heartbeat interval (or until a stop)."""
+        end = time.monotonic() + self.timings.heartbeat_interval
+        while self.signals.parked and not self.stopping.is_set() and time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), PARKED_LOOK)
+            await self.refresh_signals(force=True)
+
+    def _heard(self, answer: Signals) -> None:
+        was_parked = self.signals.parked
+        self.signals.heard(answer)
+        self.metrics.effective_slots.set(self.signals.effective)
+        self.metrics.parked.set(1 if self.signals.parked else 0)
+        self.metrics.pause_remaining.set(self.signals.pause_left())
+        if self.signals.parked != was_parked:
+            state = "parked" if self.signals.parked else "back in use"
+            log.info("slot %d: %s (the pool's effective concurrency is %d)",
+                     self.settings.slot, state, self.signals.effective)  # fmt: skip
 
     async def run(self, raw: bytes, epoch: int) -> None:
         """Take job ``raw`` (taken under lease ``epoch``) to its outcome."""
@@ -124,25 +188,56 @@ class JobRunner:
             return
         env, handler = checked
         if env.expired(time.time()):
-            self.metrics.outcome(Outcome.EXPIRED)
-            record = result_record(
-                job_id=env.id,
-                status=Outcome.EXPIRED,
-                attempt=env.attempt,
-                slot=self.settings.slot,
-                error="deadline passed before the call could start",
-            )
-            await self.inflight.complete(
-                raw,
-                job_id=env.id,
-                reply_to=env.reply_to,
-                record=record,
-                outcome=Outcome.EXPIRED,
-                take_next=True,
-            )
+            await self._expire(raw, env, "deadline passed before the call could start")
             return
-        if await self._answerable(raw, env) and await self.fence(raw, epoch):
+        if (
+            await self._answerable(raw, env)
+            and await self._hold(raw, env)
+            and await self.fence(raw, epoch)
+        ):
             await self._settle(raw, env, await self._call(env, handler))
+
+    async def _expire(self, raw: bytes, env: Envelope, why: str) -> None:
+        """Answer the job ``expired``: its deadline passed (or will) before a call."""
+        self.metrics.outcome(Outcome.EXPIRED)
+        record = result_record(
+            job_id=env.id,
+            status=Outcome.EXPIRED,
+            attempt=env.attempt,
+            slot=self.settings.slot,
+            error=why,
+        )
+        await self.inflight.complete(
+            raw,
+            job_id=env.id,
+            reply_to=env.reply_to,
+            record=record,
+            outcome=Outcome.EXPIRED,
+            take_next=True,
+        )
+
+    async def _hold(self, raw: bytes, env: Envelope) -> bool:
+        """Honour what the API said before calling: a parked slot hands the job
+        back; a job waits out the pool's pause and its own ``not_before`` (seeing
+        a pause that grows meanwhile), unless its deadline passes first: then it
+        is expired at once. True: call it now. A stop hands it back."""
+        while True:
+            if self.signals.parked:
+                await self.inflight.hand_back(raw)  # for a slot still in use
+                return False
+            now = time.time()
+            wait = max(self.signals.pause_left(now), env.wait_before_call(now))
+            if wait <= 0:
+                return True
+            if env.deadline is not None and env.deadline <= now + wait:
+                await self._expire(raw, env, "deadline passes before the API takes calls again")
+                return False
+            with self.held_back(), contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(wait, HOLD_LOOK))
+            if self.stopping.is_set():
+                await self.inflight.hand_back(raw)
+                return False
+            await self.refresh_signals()
 
     async def _check(self, raw: bytes) -> tuple[Envelope, Handler] | None:
         """The envelope and its handler; None when the job was dead-lettered instead."""
@@ -253,6 +348,7 @@ class JobRunner:
         """During a call: take the next job ahead (after the last outcome written
         behind is in) and read what its result key holds, so that the next call
         starts without a round trip. What fails here is done the usual way later."""
+        await self.refresh_signals()
         await self.inflight.prefetch()
         raw = self.inflight.peek_next()
         if raw is None:
@@ -287,6 +383,9 @@ class JobRunner:
             if task is None or task.cancelling():
                 raise  # a stop (or a cancel of this task): it must go through
             return None, Attempt(0, failure=self._text(exc))  # the handler's own
+        except RetryAfter as exc:
+            failure = self._text(exc)
+            return None, Attempt(0, failure=failure, throttled=True, retry_after=exc.seconds)
         except PermanentError as exc:
             return None, Attempt(0, failure=self._text(exc), cause="permanent", permanent=True)
         except Exception as exc:
@@ -331,12 +430,36 @@ class JobRunner:
         """Write the outcome of a call: ok, retried, or dead after the last attempt.
         With the next job already taken ahead, the write goes on behind its call
         (InFlight.behind); else it takes the next job along."""
+        if attempt.throttled:  # written now: the next call must honour it
+            await self._throttled(raw, env, attempt)
+            return
         later = self.settings.prefetch and self.inflight.has_next()
         write = self._outcome(raw, env, attempt, take_next=not later)
         if later:
             self.inflight.behind(write)
         else:
             await write
+
+    async def _throttled(self, raw: bytes, env: Envelope, attempt: Attempt) -> None:
+        """The API said "slow down": the job goes back to the head of the queue with
+        the same attempt, not before the wait it asked for (a Retry-After, at most
+        ``max_pause``, pauses the whole pool as long) or a back-off."""
+        now = time.time()
+        said, pause = attempt.retry_after, 0.0
+        if said is not None:
+            pause = min(said, self.settings.max_pause)
+            if said > pause:
+                log.warning("the API asked for a pause of %g s; pausing %g s (max_pause)",
+                            said, pause)  # fmt: skip
+        wait = pause if said is not None else backoff(env.throttled)
+        self.metrics.outcome(Outcome.THROTTLED)
+        log.info("job %s: %s; back at the head of the queue for %.2f s%s", env.id,
+                 attempt.failure, wait, " (the whole pool)" if pause else "")  # fmt: skip
+        answer = await self.inflight.throttle(
+            raw, env.throttled_again(now + wait), pause=pause, adapt=self.settings.adaptive
+        )
+        if answer is not None and answer.code == FinishCode.DONE:
+            self._heard(answer.signals)
 
     async def _outcome(
         self, raw: bytes, env: Envelope, attempt: Attempt, *, take_next: bool

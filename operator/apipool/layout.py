@@ -41,9 +41,25 @@ today's clients connect to one Redis endpoint, without Cluster or Sentinel disco
                                 (``ok``, ``expired``, ``dead``, ``retried``,
                                 ``recovered``), ``busy_ms`` (handler time of
                                 finished calls).
+``apipool:{P}:pause``           STRING while the pool is paused because the API
+                                sent Retry-After: the unix time it ends, with
+                                a matching PX expiry (throttling.py).
+``apipool:{P}:effective``       STRING: the pool's effective concurrency while
+                                the API refuses calls below N (absent: N).
+                                Slots with an index at or above it are parked.
+``apipool:{P}:adapt``           STRING ``"<changed> <step>"``: unix ms of the
+                                latest change of ``effective``, and the next
+                                increase (plain SET/GET: a slot's ACL has no HSET).
 ``apipool:{P}:config``          HASH of pool settings read by producers:
                                 ``max_queue_length`` (0 or absent: unbounded),
                                 ``slots`` (N, for stats).
+``apipool:{P}:ledger:<minute>`` HASH: where the slots' time went in one minute
+                                (``minute`` = unix time // 60): one float field
+                                per slot-time state (seconds, summed over the
+                                slots, see slot_time.py) and ``slots`` (N as the
+                                config said at the latest write). Expires after
+                                ``LEDGER_TTL`` (26 h). ``down`` is not written: a
+                                reader computes it (ledger.py).
 
 Atomic steps
 ============
@@ -88,6 +104,18 @@ DEAD LIST  every script that adds a dead letter trims the list to its newest
 REQUEUE    (script) remove the exact envelope from in-flight and, only if it was
            there, push a (possibly rewritten) envelope back to the queue;
            optionally take the next job as COMPLETE does.
+THROTTLE   (script) the API said "slow down": remove the exact envelope from
+           in-flight and, only if it was there, push it back to the head of the
+           queue (taken next; the same attempt, a ``not_before``), count it
+           ``throttled``, pause the pool for a Retry-After (never shortening a
+           longer pause), or, without one and with adaptation, lower
+           ``effective`` by one.
+SIGNALS    (script) read the pause and the effective concurrency; with
+           adaptation, raise ``effective`` by ``step`` once no 429 has lowered
+           it for the probe interval, doubling ``step`` (back to N: removed).
+LEDGER     (script) add a slot's seconds per state to one or more ledger
+           buckets, set each bucket's ``slots`` from the config and its expiry,
+           in one step: a heartbeat's deltas are written together.
 """
 
 from __future__ import annotations
@@ -95,6 +123,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KEY_PREFIX = "apipool"
+
+LEDGER_BUCKET_SECONDS = 60
+"""Seconds of wall time one ledger bucket covers."""
+LEDGER_TTL_SECONDS = 26 * 3600
+"""Seconds a ledger bucket is kept after its latest write (a day, and slack)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,22 @@ class PoolKeys:
     @property
     def lease_pattern(self) -> str:
         return f"{self.base}:lease:*"
+
+    @property
+    def pause(self) -> str:
+        return f"{self.base}:pause"
+
+    @property
+    def effective(self) -> str:
+        return f"{self.base}:effective"
+
+    @property
+    def adapt(self) -> str:
+        return f"{self.base}:adapt"
+
+    def ledger(self, minute: int) -> str:
+        """The ledger bucket of ``minute`` (unix time // 60)."""
+        return f"{self.base}:ledger:{minute}"
 
 
 # KEYS[1] queue, KEYS[2] config, KEYS[3] stats
@@ -381,3 +430,97 @@ end
 return {1, false, 0}
 """
 )
+
+# KEYS[1] config, KEYS[2..] ledger buckets
+# ARGV[1] ttl seconds, then triples (bucket number b >= 1: KEYS[1 + b], state, seconds)
+# returns the number of buckets written; each gets HINCRBYFLOAT per triple, then
+#         ``slots`` set to the config's (when it says) and EXPIRE ttl. ``slots`` is
+#         set by HINCRBYFLOAT of the difference, not HSET: the slot's ACL needs no
+#         HSET, so a slot cannot rewrite the pool's config (docs/operations.md)
+LEDGER_SCRIPT = """
+for i = 2, #ARGV, 3 do
+  redis.call('HINCRBYFLOAT', KEYS[1 + tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+end
+local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '')
+for k = 2, #KEYS do
+  if slots then
+    local had = tonumber(redis.call('HGET', KEYS[k], 'slots') or '0') or 0
+    if had ~= slots then
+      redis.call('HINCRBYFLOAT', KEYS[k], 'slots', slots - had)
+    end
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+end
+return #KEYS - 1
+"""
+
+# KEYS[1] inflight, KEYS[2] queue, KEYS[3] stats, KEYS[4] pause, KEYS[5] effective,
+# KEYS[6] adapt, KEYS[7] config
+# ARGV[1] envelope exactly as taken, ARGV[2] envelope to queue at the head,
+# ARGV[3] pause ms (0: no pause), ARGV[4] the pause's end (unix seconds),
+# ARGV[5] '1': adapt (lower effective by one, only without a pause: a Retry-After
+# says when, not how many), ARGV[6] now (unix ms)
+# returns {code, effective, pause ms left}: code 1 when requeued, 0 when the job
+#         was no longer ours (nothing else done); effective is N when not lowered
+#         and when adaptation is off
+THROTTLE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return {0, 0, 0}
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'throttled', 1)
+local ms = tonumber(ARGV[3])
+if ms > 0 and redis.call('PTTL', KEYS[4]) < ms then
+  redis.call('SET', KEYS[4], ARGV[4], 'PX', ms)
+end
+local slots = tonumber(redis.call('HGET', KEYS[7], 'slots') or '') or 0
+local eff = tonumber(redis.call('GET', KEYS[5]) or '') or slots
+if eff > slots then
+  eff = slots
+end
+if ARGV[5] == '1' and ms == 0 and slots > 0 then
+  if eff > 1 then
+    eff = eff - 1
+  end
+  redis.call('SET', KEYS[5], eff)
+  redis.call('SET', KEYS[6], ARGV[6] .. ' 1')
+elseif ARGV[5] ~= '1' then
+  eff = slots
+end
+return {1, eff, math.max(0, redis.call('PTTL', KEYS[4]))}
+"""
+
+# KEYS[1] pause, KEYS[2] effective, KEYS[3] adapt, KEYS[4] config
+# ARGV[1] now (unix ms), ARGV[2] probe interval ms, ARGV[3] '1': adapt
+# returns {effective, pause ms left, N}: effective is N when not lowered (or
+#         when adaptation is off); N is 0 when the config does not say
+SIGNALS_SCRIPT = """
+local slots = tonumber(redis.call('HGET', KEYS[4], 'slots') or '') or 0
+local eff = tonumber(redis.call('GET', KEYS[2]) or '')
+if eff and ARGV[3] == '1' and slots > 0 then
+  local now = tonumber(ARGV[1])
+  local changed, step = 0, 1
+  local adapt = redis.call('GET', KEYS[3])
+  if adapt then
+    local c, s = string.match(adapt, '^(%d+) (%d+)$')
+    changed, step = tonumber(c) or 0, tonumber(s) or 1
+  end
+  if eff >= slots then
+    eff = nil
+    redis.call('DEL', KEYS[2], KEYS[3])
+  elseif now - changed >= tonumber(ARGV[2]) then
+    eff = math.min(slots, eff + step)
+    if eff >= slots then
+      eff = nil
+      redis.call('DEL', KEYS[2], KEYS[3])
+    else
+      redis.call('SET', KEYS[2], eff)
+      redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. (step * 2))
+    end
+  end
+end
+if ARGV[3] ~= '1' then
+  eff = nil
+end
+return {eff or slots, math.max(0, redis.call('PTTL', KEYS[1])), slots}
+"""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from .settings import Timings
+from .slot_time import SlotTime, State
 
 Verdict = tuple[bool, str]
 """(ok, reason): reason is ``"ok"`` when ok, else says what is wrong."""
@@ -26,11 +27,17 @@ OK: Verdict = (True, "ok")
 
 
 class CallTracker:
-    """When the handler call in progress started; at most one call at a time."""
+    """When the handler call in progress started; at most one call at a time.
+    Given the slot's :class:`~apipool.slot_time.SlotTime`, a call's time is
+    booked to ``calling``, and back to the state it found when it finishes."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, slot_time: SlotTime | None = None
+    ) -> None:
         self._clock = clock
         self._started: float | None = None
+        self.slot_time = slot_time
+        self._before: State | None = None
 
     @property
     def running(self) -> bool:
@@ -41,6 +48,8 @@ class CallTracker:
         if self._started is not None:
             raise RuntimeError("a call is already running in this slot")
         self._started = self._clock()
+        if self.slot_time is not None:
+            self._before = self.slot_time.enter("calling")
         return self._started
 
     def finish(self) -> float:
@@ -49,6 +58,9 @@ class CallTracker:
             raise RuntimeError("no call is running")
         ran = max(0.0, self._clock() - self._started)
         self._started = None
+        if self.slot_time is not None and self._before is not None:
+            self.slot_time.enter(self._before)
+            self._before = None
         return ran
 
     def running_for(self) -> float | None:

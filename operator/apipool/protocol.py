@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -64,6 +64,9 @@ class Outcome(enum.StrEnum):
     """An attempt failed; the job went back to the queue with attempt + 1."""
     RECOVERED = "recovered"
     """Found in flight of a holder that is gone; queued again with attempt + 1."""
+    THROTTLED = "throttled"
+    """The API said "slow down" (429, ...): back at the head of the queue, the
+    same attempt, not called again before its ``not_before``."""
 
 
 RESULT_STATUSES = frozenset({Outcome.OK, Outcome.EXPIRED, Outcome.DEAD})
@@ -91,7 +94,13 @@ RENEW = Script("renew", layout.RENEW_SCRIPT)
 RELEASE = Script("release", layout.RELEASE_SCRIPT)
 COMPLETE = Script("complete", layout.COMPLETE_SCRIPT)
 REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
-SCRIPTS = (SUBMIT, TAKE, TAKE_AHEAD, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE)
+LEDGER = Script("ledger", layout.LEDGER_SCRIPT)
+THROTTLE = Script("throttle", layout.THROTTLE_SCRIPT)
+SIGNALS = Script("signals", layout.SIGNALS_SCRIPT)
+SCRIPTS = (
+    SUBMIT, TAKE, TAKE_AHEAD, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE, LEDGER,
+    THROTTLE, SIGNALS,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,35 @@ class Taken:
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a slot must honour before its next call (THROTTLE and SIGNALS reply it)."""
+
+    effective: int
+    """The pool's effective concurrency: slots at or above this index are parked."""
+    pause_ms: int
+    """Milliseconds left of a pool-wide pause (0: none)."""
+    slots: int = 0
+    """N as the config says (0: it does not say)."""
+
+
+@dataclass(frozen=True)
+class Throttled:
+    code: FinishCode
+    """DONE: back at the head of the queue; GONE: no longer ours, nothing done."""
+    signals: Signals
+
+
+def _signals(reply: Any) -> Signals:
+    effective, pause_ms, slots = reply
+    return Signals(int(effective), int(pause_ms), int(slots))
+
+
+def _throttled(reply: Any) -> Throttled:
+    code, effective, pause_ms = reply
+    return Throttled(FinishCode(int(code)), Signals(int(effective), int(pause_ms)))
 
 
 def _submit_answer(reply: Any) -> SubmitAnswer:
@@ -338,3 +376,50 @@ class PoolProtocol:
             ),
             _finished,
         )
+
+    def throttle(
+        self,
+        slot: int,
+        raw: bytes,
+        again: str,
+        *,
+        pause_ms: int,
+        pause_until: float,
+        adapt: bool,
+        now_ms: int,
+    ) -> Step[Throttled]:
+        """The API said "slow down" to job ``raw``: back to the head of the queue as
+        ``again``; pause the pool ``pause_ms``, or (0: no pause) with ``adapt``
+        use one slot fewer (THROTTLE in layout.py)."""
+        k = self.keys
+        return Step(
+            THROTTLE,
+            (k.inflight(slot), k.queue, k.stats, k.pause, k.effective, k.adapt, k.config),
+            (raw, again, pause_ms, repr(round(pause_until, 3)), "1" if adapt else "0", now_ms),
+            _throttled,
+        )
+
+    def signals(self, *, adapt: bool, probe_ms: int, now_ms: int) -> Step[Signals]:
+        """The pause and the effective concurrency; with ``adapt``, one step up
+        once ``probe_ms`` passed without a 429 (SIGNALS in layout.py)."""
+        k = self.keys
+        return Step(
+            SIGNALS,
+            (k.pause, k.effective, k.adapt, k.config),
+            (now_ms, probe_ms, "1" if adapt else "0"),
+            _signals,
+        )
+
+    def ledger(
+        self, buckets: Mapping[int, Mapping[str, float]], *, ttl: int = layout.LEDGER_TTL_SECONDS
+    ) -> Step[int]:
+        """Add seconds per state to the ledger bucket of each minute, in one step
+        (LEDGER in layout.py): ``{minute: {state: seconds}}``; returns the buckets written."""
+        k = self.keys
+        minutes = sorted(buckets)
+        args: list[Arg] = [ttl]
+        for number, minute in enumerate(minutes, start=1):
+            for state, seconds in sorted(buckets[minute].items()):
+                args += [number, state, repr(float(seconds))]
+        keys = (k.config, *(k.ledger(m) for m in minutes))
+        return Step(LEDGER, keys, tuple(args), int)

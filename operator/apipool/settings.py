@@ -147,11 +147,16 @@ class SlotSettings:
     health_port: int = defaults.HEALTH_PORT
     """Port of /healthz, /readyz, /metrics; 0 picks a free one."""
     parent_pid: int | None = None
+    """Stop gracefully when this parent process is gone (local supervisor)."""
     standby: bool = defaults.STANDBY
     """Run under a keeper with a warm standby (keeper.py)."""
     prefetch: bool = defaults.PREFETCH
-    """Take the next job during a call when the queue is long (inflight.py)."""
-    """Stop gracefully when this parent process is gone (local supervisor)."""
+    """Take the next job during a call when the queue is long, write a call's
+    outcome during the next call (inflight.py)."""
+    adaptive: bool = defaults.ADAPTIVE
+    """Use fewer than N slots while the API keeps answering 429 (throttling.py)."""
+    max_pause: float = defaults.MAX_PAUSE
+    """The longest pool-wide pause a Retry-After can ask for (seconds)."""
 
     def __post_init__(self) -> None:
         check_pool_name(self.pool)
@@ -165,6 +170,8 @@ class SlotSettings:
             raise ConfigError(f"result_ttl must be > 0 seconds, got {self.result_ttl}")
         if "/" in self.owner:
             raise ConfigError(f"owner {self.owner!r} must not contain '/'")
+        if not self.max_pause >= 0:
+            raise ConfigError(f"max_pause must be >= 0 seconds, got {self.max_pause}")
 
     def to_argv(self) -> list[str]:
         """The ``apipool slot ...`` arguments that run these settings. The Redis
@@ -183,6 +190,8 @@ class SlotSettings:
             "--hang-window", f"{t.hang_window:g}",
             "--standby", "true" if self.standby else "false",
             "--prefetch", "true" if self.prefetch else "false",
+            "--adaptive", "true" if self.adaptive else "false",
+            "--max-pause", f"{self.max_pause:g}",
             "--max-attempts", str(self.max_attempts),
             "--result-ttl", f"{self.result_ttl:g}",
             *self.limits_argv(),

@@ -58,6 +58,7 @@ from .probes import CallTracker, Verdict, liveness, readiness
 from .protocol import PoolProtocol
 from .redis_checks import EvictionGuard
 from .settings import SlotSettings
+from .slot_time import SlotTime
 
 log = logging.getLogger("apipool.slot")
 
@@ -95,7 +96,9 @@ class SlotWorker:
         if handlers is None:
             handlers = load_handlers(settings.handlers, http=settings.http, limits=settings.limits)
         self.handlers = handlers
-        self.metrics = SlotMetrics(settings.pool, settings.slot)
+        self.time = SlotTime()
+        """Where this process's wall time goes, by state (slot_time.py)."""
+        self.metrics = SlotMetrics(settings.pool, settings.slot, slot_time=self.time)
         self.stopping = asyncio.Event()
         self.health_port: int | None = None
         self.health_socket: socket.socket | None = None
@@ -108,7 +111,7 @@ class SlotWorker:
         self.ctl = _client(settings.redis_url, t.heartbeat_interval)
         self.work = _client(settings.redis_url, t.take_block + 5.0)
         self.lease = Lease(self.proto, settings.slot, settings.owner, t.lease_ttl)
-        self.calls = CallTracker()
+        self.calls = CallTracker(slot_time=self.time)
         self.eviction = EvictionGuard(allow=settings.allow_eviction)
         self.heartbeat = Heartbeat(
             self.lease,
@@ -118,6 +121,7 @@ class SlotWorker:
             parent_pid=settings.parent_pid,
             on_orphaned=self.stop,
             eviction=self.eviction,
+            slot_time=self.time,
         )
         self.inflight = InFlight(
             self.proto, settings, self.work, stopping=self.stopping, metrics=self.metrics
@@ -131,8 +135,10 @@ class SlotWorker:
             metrics=self.metrics,
             stopping=self.stopping,
             wait_lease_change=self.heartbeat.wait_change,
+            held_back=lambda: self.time.state("held_back"),
         )
         self.inflight.may_take_next = self.may_take
+        self.inflight.waiting = lambda: self.time.state("waiting_for_work")
 
     @property
     def exit_code(self) -> ExitCode:
@@ -170,6 +176,11 @@ class SlotWorker:
         raw = self.inflight.pop_next()
         if raw is not None:
             return raw
+        await self.runner.refresh_signals()  # the pool's pause, its effective concurrency
+        if self.runner.parked:  # above the effective concurrency: take nothing
+            with self.time.state("held_back"):
+                await self.runner.wait_unparked()
+            return None
         if not self.may_take():
             await self.heartbeat.wait_change(self.timings.heartbeat_interval)
             return None
@@ -187,7 +198,9 @@ class SlotWorker:
             await self.heartbeat.wait_change(self.timings.heartbeat_interval)
         if self.stopping.is_set():
             return
+        self.time.enter("recovering")
         await self.inflight.recover_predecessor()
+        self.time.enter("handoff")
         while not self.stopping.is_set():
             raw = await self._next_job()
             if raw is None:
@@ -283,6 +296,7 @@ class SlotWorker:
     async def run(self) -> int:
         """Serve until stopped; returns the exit code (or leaves the process at
         once after a sync handler overran, see ExitCode.SLOT_OVERRUN)."""
+        self.time.restart()  # a warm standby's wait was not the slot's time
         self._install_signals()
         server = await self._start_health()
         heartbeat = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
@@ -294,6 +308,7 @@ class SlotWorker:
             for task in beats:
                 task.cancel()
             await asyncio.gather(heartbeat, *beats, return_exceptions=True)
+            await self.heartbeat.close_ledger()  # the seconds since the last beat
             await self._release_lease()
             await close_http_session()
             await server.stop()

@@ -33,6 +33,11 @@ class PoolStats:
     """Every name of :data:`COUNTERS` (0 when never counted), and any other the
     stats hash holds: ``dead_trimmed`` counts dead letters dropped off the capped list."""
     max_queue_length: int = 0
+    effective_slots: int | None = None
+    """The pool's effective concurrency (below N while the API refuses calls);
+    None when N is unknown. Equal to ``slots`` when the pool runs at N."""
+    paused_until: float | None = None
+    """Unix time the pool's Retry-After pause ends; None when it is not paused."""
 
     @property
     def dead_trimmed(self) -> int:
@@ -89,18 +94,20 @@ def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolSt
         pipe.llen(keys.queue)
         pipe.llen(keys.dead)
         pipe.hgetall(keys.stats)
+        pipe.get(keys.effective)
+        pipe.get(keys.pause)
         for i in range(n):
             pipe.llen(keys.inflight(i))
             pipe.get(keys.lease(i))
         answers = pipe.execute()
     except RedisError as exc:
         raise RedisUnavailable(f"reading pool {pool!r} from Redis failed: {exc}") from exc
-    queued, dead, raw_counters = answers[0], answers[1], answers[2]
+    queued, dead, raw_counters, effective, paused = answers[:5]
     inflight: dict[int, int] = {}
     leases: dict[int, str] = {}
     for i in range(n):
-        inflight[i] = int(answers[3 + 2 * i])
-        holder = answers[4 + 2 * i]
+        inflight[i] = int(answers[5 + 2 * i])
+        holder = answers[6 + 2 * i]
         if holder is not None:
             leases[i] = _text(holder)
     counters = {name: 0 for name in COUNTERS}
@@ -114,4 +121,21 @@ def read_stats(r: redis.Redis, pool: str, *, slots: int | None = None) -> PoolSt
         dead_letters=int(dead),
         counters=counters,
         max_queue_length=int(config.get("max_queue_length", 0)),
+        effective_slots=_effective(effective, n),
+        paused_until=_number_or_none(paused),
     )
+
+
+def _number_or_none(raw: bytes | str | None) -> float | None:
+    try:
+        return None if raw is None else float(_text(raw))
+    except ValueError:
+        return None
+
+
+def _effective(raw: bytes | str | None, slots: int) -> int | None:
+    """The effective concurrency: the key's value, capped at N (absent: N)."""
+    if slots <= 0:
+        return None
+    value = _number_or_none(raw)
+    return slots if value is None else max(0, min(slots, int(value)))

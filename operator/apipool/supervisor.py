@@ -121,6 +121,10 @@ class SupervisorSettings:
     """Run each slot under a keeper with a warm standby (keeper.py)."""
     prefetch: bool = defaults.PREFETCH
     """Slots take their next job during a call while the queue is long."""
+    adaptive: bool = defaults.ADAPTIVE
+    """Slots use fewer than N of themselves while the API keeps answering 429."""
+    max_pause: float = defaults.MAX_PAUSE
+    """The longest pool-wide pause a Retry-After can ask for."""
 
     def __post_init__(self) -> None:
         check_pool_name(self.pool)
@@ -215,6 +219,8 @@ class Supervisor:
             parent_pid=os.getpid(),
             standby=s.standby,
             prefetch=s.prefetch,
+            adaptive=s.adaptive,
+            max_pause=s.max_pause,
         )
 
     def command(self, index: int, port: int) -> list[str]:

@@ -36,6 +36,8 @@ POOL_DEFAULTS: dict[str, Any] = {
     "apiIdleTimeoutSeconds": defaults.API_IDLE_TIMEOUT,
     "standby": defaults.STANDBY,
     "hangWindowSeconds": defaults.HANG_WINDOW,
+    "adaptive": defaults.ADAPTIVE,
+    "maxPauseSeconds": defaults.MAX_PAUSE,
 }
 """Every pool setting of the spec that has a default, by its spec name."""
 NOT_SPEC_DEFAULTS = {"enabled", "name", "slots", "image", "extraHandlers", "template", "http"}

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from apipool import defaults
+from apipool.ledger import LOSSES
 from apipool.operator.spec import (
     DEFAULT_SECRET_KEY,
     GROUP,
@@ -65,6 +66,8 @@ SPEC_FIELDS = frozenset(
         "apiIdleTimeoutSeconds",
         "standby",
         "hangWindowSeconds",
+        "adaptive",
+        "maxPauseSeconds",
         "template",
         "maxEnvelopeBytes",
         "maxResultBytes",
@@ -99,6 +102,8 @@ FULL: dict[str, Any] = {
     "apiIdleTimeoutSeconds": 30,
     "standby": False,
     "hangWindowSeconds": 0.5,
+    "adaptive": False,
+    "maxPauseSeconds": 60,
     "maxEnvelopeBytes": 65536,
     "maxResultBytes": 32768,
     "maxResponseBytes": 1 << 20,
@@ -367,6 +372,8 @@ CRD_DEFAULTS: dict[str, Any] = {
     "apiIdleTimeoutSeconds": defaults.API_IDLE_TIMEOUT,
     "standby": defaults.STANDBY,
     "hangWindowSeconds": defaults.HANG_WINDOW,
+    "adaptive": defaults.ADAPTIVE,
+    "maxPauseSeconds": defaults.MAX_PAUSE,
     "liveness": {},
     "maxEnvelopeBytes": defaults.MAX_ENVELOPE_BYTES,
     "maxResultBytes": defaults.MAX_RESULT_BYTES,
@@ -433,6 +440,8 @@ def test_defaults_agree_with_parse_spec(spec_schema: dict[str, Any]) -> None:
         api_idle_timeout_seconds=defaults.API_IDLE_TIMEOUT,
         standby=defaults.STANDBY,
         hang_window_seconds=defaults.HANG_WINDOW,
+        adaptive=defaults.ADAPTIVE,
+        max_pause_seconds=defaults.MAX_PAUSE,
         max_envelope_bytes=defaults.MAX_ENVELOPE_BYTES,
         max_result_bytes=defaults.MAX_RESULT_BYTES,
         max_response_bytes=defaults.MAX_RESPONSE_BYTES,
@@ -650,12 +659,17 @@ def test_status_schema(schema: dict[str, Any], version: dict[str, Any]) -> None:
         "inFlight",
         "deadLetters",
         "utilization",
+        "effectiveSlots",
+        "largestLoss",
         "observedGeneration",
         "selector",
         "conditions",
         "quarantinedSlots",
     }
     assert (status["utilization"]["minimum"], status["utilization"]["maximum"]) == (0, 1)
+    loss = status["largestLoss"]["properties"]
+    assert loss["cause"]["enum"] == list(LOSSES)  # the causes the operator reports
+    assert (loss["share"]["minimum"], loss["share"]["maximum"]) == (0, 1)
     assert status["selector"]["type"] == "string"
     conditions = status["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
@@ -705,6 +719,11 @@ def test_status_sample_validates(validator: jsonschema.Draft4Validator) -> None:
     assert not is_valid(validator, doc)
     doc["status"]["conditions"][0]["status"] = "True"
     doc["status"]["utilization"] = 1.5
+    assert not is_valid(validator, doc)
+    doc["status"]["utilization"] = 0.5
+    doc["status"]["largestLoss"] = {"cause": "waiting_for_work", "share": 0.4}
+    validator.validate(doc)
+    doc["status"]["largestLoss"] = {"cause": "coffee", "share": 0.4}
     assert not is_valid(validator, doc)
 
 

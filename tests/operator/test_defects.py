@@ -18,13 +18,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from apipool.health import HealthServer
+from apipool.ledger import SlotSeconds
 from apipool.operator.config import OperatorSettings
 from apipool.operator.manifests import grace_period, slot_pod
 from apipool.operator.planning import ObservedPod
 from apipool.operator.pool_state import PoolStates
 from apipool.operator.reconcile import Reconciler
 from apipool.operator.spec import parse_spec
-from apipool.operator.status import Problem, build_status
+from apipool.operator.status import REDIS_FIGURES, Problem, build_status
 from apipool.stats import PoolStats
 
 from ..chart.test_chart import helm_backend, manifests
@@ -39,8 +40,6 @@ from .emulator_rbac import (
 )
 from .emulator_schema import StructuralSchema, load_crd
 
-REDIS_FIGURES = ("busySlots", "queueDepth", "inFlight", "deadLetters", "utilization")
-"""The status figures read from the pool's Redis."""
 SPEC: dict[str, Any] = {
     "slots": 2,
     "image": "ghcr.io/example/apipool:0.1.0",
@@ -136,9 +135,13 @@ def full_status(stats: PoolStats | None = None) -> dict[str, Any]:
         problem=Problem("RedisUnreachable", "down"),
         generation=3,
         now="2026-01-01T00:00:00Z",
+        ledger=LEDGER if stats is not None else None,
     )
 
 
+LEDGER = SlotSeconds(
+    "billing", 0.0, 60.0, 2, 120.0, {"calling": 60.0, "waiting_for_work": 50.0, "fenced": 4.0}
+)
 STATS = PoolStats(
     pool="billing",
     slots=2,
@@ -147,6 +150,7 @@ STATS = PoolStats(
     leases={0: "k8s-pod-x"},
     dead_letters=2,
     counters={},
+    effective_slots=2,
 )
 
 
@@ -157,6 +161,8 @@ def test_every_key_build_status_writes_survives_the_crd_schema() -> None:
     properties = schema.schema["properties"]["status"]["properties"]
     status = full_status(STATS)
     assert {"updatedSlots", *REDIS_FIGURES} <= set(status)
+    assert status["largestLoss"] == {"cause": "waiting_for_work", "share": round(50 / 120, 4)}
+    assert status["utilization"] == 0.5  # 60 s calling of 2 x 60 s
     assert set(status) <= set(properties), set(status) - set(properties)
     body = {
         "apiVersion": "apipool.dev/v1alpha1",

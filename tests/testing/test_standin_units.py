@@ -6,9 +6,19 @@ import json
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apipool.testing.standin.accounting import Accounting
-from apipool.testing.standin.wire import MAX_BODY, BadRequest, Head, parse_head, response, seconds
+from apipool.testing.standin.wire import (
+    MAX_BODY,
+    BadRequest,
+    Head,
+    header_value_ok,
+    parse_head,
+    response,
+    seconds,
+)
 
 from .standin_client import assert_stats
 
@@ -21,9 +31,10 @@ pytestmark = pytest.mark.unit
 def test_a_connection_over_the_limit_is_rejected_and_opens_an_event() -> None:
     acct = Accounting(limit=1)
     assert acct.request(new_connection=True)[0] == 1
-    n, started = acct.request(new_connection=True)
+    n, started, refusal = acct.request(new_connection=True)
     assert (n, started) == (2, None)
-    n, started = acct.request(new_connection=True)  # a third widens the same event
+    assert refusal == (429, {"error": "over limit", "active": 2, "limit": 1}, None)
+    n, started, _ = acct.request(new_connection=True)  # a third widens the same event
     assert (n, started) == (3, None)
     stats = acct.snapshot(include_samples=True)
     assert_stats(
@@ -57,11 +68,11 @@ def test_a_connection_over_the_limit_is_rejected_and_opens_an_event() -> None:
 
 def test_a_further_request_on_a_counted_connection_does_not_count_it_again() -> None:
     acct = Accounting(limit=2)
-    n, started = acct.request(new_connection=True)
+    n, started, _ = acct.request(new_connection=True)
     assert n == 1
     assert started is not None
     acct.done(started, 200, 5.0)
-    n, started = acct.request(new_connection=False)
+    n, started, _ = acct.request(new_connection=False)
     assert n == 1
     assert started is not None
     acct.done(started, 404, 0.0)
@@ -130,6 +141,98 @@ def test_stats_to_dict_is_json() -> None:
     assert "utilisation" not in doc
 
 
+# -- pushing back: the shared limit and forced answers against a model --------------
+
+Action = tuple[str, int | None]
+"""``("new", _)`` / ``("again", _)``: a /work request on a new / a counted connection;
+``("other", _)``: a request for another path; ``("done", _)``: the oldest call in
+flight is answered; ``("shared", limit)``; ``("force", count)``."""
+
+ACTIONS = st.one_of(
+    st.tuples(st.sampled_from(["new", "again", "other", "done"]), st.none()),
+    st.tuples(st.just("shared"), st.none() | st.integers(0, 4)),
+    st.tuples(st.just("force"), st.integers(0, 3)),
+)
+
+
+@given(limit=st.integers(1, 4), actions=st.lists(ACTIONS, max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_admission_follows_the_rules_in_their_order(limit: int, actions: list[Action]) -> None:
+    """Forced answers first (/work only), then the hard limit on connections, then
+    the shared limit on calls in flight: checked against a plain model."""
+    acct = Accounting(limit)
+    active = 0
+    flight: list[float] = []
+    shared: int | None = None
+    forced = 0
+    counts = {"rejected": 0, "shared": 0, "forced": 0}
+    for kind, value in actions:
+        if kind == "shared":
+            shared = value
+            acct.set_shared_limit(value)
+        elif kind == "force":
+            forced = value or 0
+            acct.throttle_next(forced, 503, None)
+        elif kind == "done":
+            if flight:
+                acct.done(flight.pop(0), 200, 0.0)
+        else:
+            new = kind == "new" or active == 0
+            work = kind != "other"
+            active += new
+            got = acct.request(new_connection=new, work=work)
+            if work and forced:
+                forced -= 1
+                want: str | None = "throttled"
+            elif active > limit:
+                want = "over limit"
+            elif shared is not None and len(flight) >= shared:
+                want = "shared limit"
+            else:
+                want = None
+            assert got.active == active
+            assert (got.refusal and got.refusal.payload["error"]) == want
+            assert (got.started is None) == (want is not None)
+            if got.started is not None:
+                flight.append(got.started)
+                assert shared is None or len(flight) <= shared
+            else:
+                counts["rejected"] += 1
+                counts["shared"] += want == "shared limit"
+                counts["forced"] += want == "throttled"
+    stats = acct.snapshot(include_samples=True)
+    assert_stats(
+        stats,
+        in_flight=len(flight),
+        rejected_total=counts["rejected"],
+        shared_rejected_total=counts["shared"],
+        forced_total=counts["forced"],
+        shared_limit=shared,
+    )
+    assert len(stats.rejected_at) == counts["rejected"]
+    assert stats.rejected_at == sorted(stats.rejected_at)
+    changes = [value for kind, value in actions if kind == "shared"]
+    assert [s for _, s in stats.shared_limits] == [None, *changes]
+
+
+def test_a_refusal_carries_the_retry_after_in_force_when_it_was_decided() -> None:
+    acct = Accounting(limit=1, shared_limit=0, retry_after="3")
+    assert acct.request(new_connection=True).refusal == (
+        429,
+        {"error": "shared limit", "in_flight": 0, "limit": 0},
+        "3",
+    )
+    acct.set_retry_after(None)
+    assert acct.request(new_connection=False).refusal == (
+        429,
+        {"error": "shared limit", "in_flight": 0, "limit": 0},
+        None,
+    )
+    acct.throttle_next(1, 503, "Wed, 21 Oct 2015 07:28:00 GMT")
+    refusal = acct.request(new_connection=False, work=True).refusal
+    assert refusal == (503, {"error": "throttled"}, "Wed, 21 Oct 2015 07:28:00 GMT")
+
+
 # -- the wire --------------------------------------------------------------------
 
 
@@ -155,6 +258,24 @@ def test_response_bytes(keep_alive: float | None, connection: bytes) -> None:
         b"Content-Length: 33\r\n" + connection + b"\r\n"
         b'{"error":"over limit","active":3}'
     )
+
+
+def test_response_with_retry_after() -> None:
+    assert response(503, {}, None, retry_after="120") == (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: 2\r\n"
+        b"Connection: close\r\n"
+        b"Retry-After: 120\r\n\r\n{}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("", True), ("120", True), ("a\tb ~", True), ("1\r\n", False), ("\x7f", False), ("é", False)],
+)
+def test_header_value_ok(value: str, ok: bool) -> None:
+    assert header_value_ok(value) is ok
 
 
 @pytest.mark.parametrize(

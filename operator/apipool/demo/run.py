@@ -106,11 +106,15 @@ def _run(
     scenario: Scenario,
     on_tick: Callable[[Snapshot], None],
     on_stop: Callable[[], None] | None = None,
+    on_redis: Callable[[str], None] | None = None,
 ) -> ScenarioResult:
-    """Run the scenario to its end; :class:`Interrupted` if a signal stopped it."""
+    """Run the scenario to its end; :class:`Interrupted` if a signal stopped it.
+    ``on_redis`` is given the run's Redis URL before the pool starts."""
     stop = StopSignal(on_stop)
     try:
         with _with_redis(scenario) as ready:
+            if on_redis is not None and ready.redis_url:
+                on_redis(ready.redis_url)
             return asyncio.run(_measure(ready, on_tick, stop))
     except Interrupted:
         raise
@@ -129,13 +133,15 @@ def _run_live(scenario: Scenario, console: Console) -> ScenarioResult:
         logs_above(live.console, view),
     ):
         try:
-            result = _run(scenario, view.update, on_stop=view.stopping)
+            result = _run(scenario, view.update, on_stop=view.stopping, on_redis=view.watch)
         except Interrupted:
             view.phase = "interrupted"
             raise
         except BaseException:
             view.phase = "failed"
             raise
+        finally:
+            view.close()
         view.phase = "done"
     return result
 

@@ -35,6 +35,7 @@ from .figures import (
     percent,
     utilization_style,
 )
+from .slot_states import LedgerWatch, Shares, states_bar
 
 __all__ = ["PANEL_WIDTH", "LiveView", "logs_above", "render_panel"]
 
@@ -112,12 +113,14 @@ def render_panel(
     call_ms: float = 100.0,
     status: RenderableType | None = None,
     slots: int | None = None,
+    states: Shares | None = None,
 ) -> Panel:
     """The live panel for the latest snapshot (``None``: still starting).
 
     ``limit`` is the stand-in API's limit and ``slots`` the pool's size (default:
     the limit). ``throughput`` defaults to the snapshot's own (one tick) figure;
-    ``status`` is a line shown under the progress bar (starting, draining, ...).
+    ``status`` is a line shown under the progress bar (starting, draining, ...);
+    ``states``: the shares of the slots' time by state (slot_states.py).
     """
     if snap is None:
         in_flight = active = peak = 0
@@ -130,6 +133,9 @@ def render_panel(
     if snap is not None:
         rate = snap.throughput if throughput is None else throughput
         parts += [Text(), _figures(snap, limit, limit if slots is None else slots, rate)]
+    if states:
+        bar, legend = states_bar(states)
+        parts += [Text(), _labelled("slot time", bar), _labelled("", legend)]
     elapsed = 0.0 if snap is None else min(snap.elapsed, duration)
     parts += [Text(), _clock(elapsed, duration)]
     if status is not None:
@@ -172,15 +178,27 @@ class LiveView:
         self.meter = RateMeter()
         self.phase = "starting"
         self._spinner = Spinner("dots", style="blue")
+        self.ledger: LedgerWatch | None = None
+        self.states: Shares | None = None
+
+    def watch(self, redis_url: str) -> None:
+        """The run's Redis is up: follow the pool's ledger (slot_states.py)."""
+        self.ledger = LedgerWatch(redis_url, self.scenario.slots)
 
     def update(self, snap: Snapshot) -> None:
         self.meter.add(snap.elapsed, snap.ok_calls)
         self.snap = snap
+        if self.ledger is not None and self.phase in MEASURING_PHASES:
+            self.states = self.ledger.refresh()
         if self.phase in MEASURING_PHASES:
             self.phase = "draining" if snap.elapsed >= snap.duration else "running"
 
     def stopping(self) -> None:
         self.phase = "stopping"
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
 
     def status(self) -> RenderableType | None:
         if self.phase in FINAL_PHASES:
@@ -202,6 +220,7 @@ class LiveView:
             chaos=s.chaos is not None,
             call_ms=s.call_ms,
             status=self.status(),
+            states=self.states,
         )
 
 

@@ -104,6 +104,8 @@ def slot_settings(spec: PoolSpec, pool: str, index: int) -> SlotSettings:
         health_host=HEALTH_HOST,
         health_port=HEALTH_PORT,
         standby=spec.standby,
+        adaptive=spec.adaptive,
+        max_pause=spec.max_pause_seconds,
     )
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..stats import PoolStats
+from .metrics import LedgerTally
 
 PoolKey = tuple[str, str]
 """(namespace, name) of a pool."""
@@ -34,6 +35,8 @@ class PoolState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     busy_samples: deque[tuple[float, int]] = field(default_factory=deque)
     """(monotonic time, the pool's busy_ms counter) of recent reconciles, oldest first."""
+    ledger: LedgerTally = field(default_factory=LedgerTally)
+    """What apipool_pool_slot_seconds_total counted of the pool's recent minutes."""
     users: int = 0
     """Threads that hold or wait for the lock (guarded by PoolStates)."""
     waiting: int = 0

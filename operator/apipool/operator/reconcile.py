@@ -39,6 +39,7 @@ as ``kopf.TemporaryError``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import time
@@ -52,7 +53,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from ..errors import ApipoolError
+from ..ledger import SlotSeconds, combine, read_minutes
 from ..stats import PoolStats, read_stats, write_pool_config
+from . import metrics as pool_metrics
 from . import redis_ops
 from .config import OperatorSettings
 from .kube import KubeApi, PodRefused, label_selector, load_config
@@ -149,6 +152,8 @@ class Applied:
     stats: PoolStats | None = None
     utilization: float | None = None
     problem: Problem | None = None
+    ledger: SlotSeconds | None = None
+    """Where the pool's slot-seconds went over the status window (ledger.py)."""
 
 
 class Reconciler:
@@ -208,6 +213,7 @@ class Reconciler:
                 body = self.kube.read_pool(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     self.states.forget(key)
+                    pool_metrics.forget(namespace, name)
                     self._release_all(namespace, name)
                 else:
                     self._reconcile(body, state, retry_problems=retry_problems)
@@ -226,6 +232,7 @@ class Reconciler:
             self.kube.delete_pod(namespace, pod.name)
         self._release_all(namespace, name)
         self.states.forget((namespace, name))
+        pool_metrics.forget(namespace, name)
 
     def _release_all(self, namespace: str, name: str) -> None:
         """The pool is gone: no slot will be recreated, so no terminating pod of
@@ -305,7 +312,7 @@ class Reconciler:
         synced = self._sync_redis(seen, spec, seen.redis_url, state)
         if refused is None:
             return synced
-        return Applied(synced.stats, synced.utilization, refused)
+        return dataclasses.replace(synced, problem=refused)
 
     def report(self, seen: Observation, todo: PoolPlan, applied: Applied) -> Problem | None:
         """Post an Event for a new problem and write the status; returns the problem."""
@@ -324,6 +331,15 @@ class Reconciler:
             generation=int(seen.body["metadata"].get("generation") or 0),
             now=self._now(),
             previous=self._conditions(seen.body),
+            ledger=applied.ledger,
+        )
+        pool_metrics.export(
+            seen.namespace,
+            seen.name,
+            slots=status["desiredSlots"] if spec is not None else len(seen.pods),
+            ready=status["readySlots"],
+            stats=applied.stats,
+            utilization=status.get("utilization"),
         )
         if spec is None:
             status["desiredSlots"] = (seen.body.get("spec") or {}).get("slots")
@@ -413,16 +429,22 @@ class Reconciler:
                 write_pool_config(r, name, slots=spec.slots, max_queue_length=spec.max_queue_length)
                 self._reap_removed(r, seen, spec)
                 stats = read_stats(r, name, slots=spec.slots)
+                wall, window = self._wall(), self.settings.utilization_window
+                back = max(window, pool_metrics.TALLY_SECONDS)
+                minutes = read_minutes(r, name, seconds=back, now=wall)
                 risk = redis_ops.read_eviction_risk(r)
             finally:
                 r.close()
         except (RedisError, ApipoolError) as exc:
             return Applied(None, None, Problem("RedisUnreachable", f"Redis of pool {name}: {exc}"))
-        window = self.settings.utilization_window
+        pool_metrics.count_seconds(seen.namespace, name, state.ledger.increments(minutes, wall))
+        recent = [one for one in minutes if one.until > wall - window]
+        ledger = combine(name, recent, until=wall) if recent else None
         utilization = state.utilization(stats, self._clock(), window)
         if risk is None or spec.allow_redis_eviction:
-            return Applied(stats, utilization)
-        return Applied(stats, utilization, Problem("RedisMayEvict", may_evict_message(name, risk)))
+            return Applied(stats, utilization, ledger=ledger)
+        problem = Problem("RedisMayEvict", may_evict_message(name, risk))
+        return Applied(stats, utilization, problem, ledger)
 
     @staticmethod
     def _reap_removed(r: Redis, seen: Observation, spec: PoolSpec) -> None:

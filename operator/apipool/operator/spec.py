@@ -42,6 +42,8 @@ DEFAULT_SECRET_KEY = "url"
 RESERVED_ENV_PREFIX = "APIPOOL_"
 MAX_API_IDLE_TIMEOUT = 3600
 MAX_HANG_WINDOW = 60.0
+MAX_PAUSE = 86400.0
+"""The most ``spec.maxPauseSeconds`` may say (a day)."""
 SPEC_FIELDS = frozenset(
     {
         "slots",
@@ -59,6 +61,8 @@ SPEC_FIELDS = frozenset(
         "apiIdleTimeoutSeconds",
         "standby",
         "hangWindowSeconds",
+        "adaptive",
+        "maxPauseSeconds",
         "template",
         "maxEnvelopeBytes",
         "maxResultBytes",
@@ -123,6 +127,8 @@ class PoolSpec:
     api_idle_timeout_seconds: int = defaults.API_IDLE_TIMEOUT
     standby: bool = defaults.STANDBY
     hang_window_seconds: float = defaults.HANG_WINDOW
+    adaptive: bool = defaults.ADAPTIVE
+    max_pause_seconds: float = defaults.MAX_PAUSE
     template: Mapping[str, Any] = field(default_factory=dict)
     max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES
     max_result_bytes: int = defaults.MAX_RESULT_BYTES
@@ -176,6 +182,13 @@ def _hang_window(spec: Mapping[str, Any]) -> float:
             f"spec.hangWindowSeconds must be between {MIN_HANG_WINDOW} and "
             f"{MAX_HANG_WINDOW}, not {value}"
         )
+    return value
+
+
+def _max_pause(spec: Mapping[str, Any]) -> float:
+    value = float(_get(spec, "maxPauseSeconds", (int, float), defaults.MAX_PAUSE))
+    if not 0 <= value <= MAX_PAUSE:
+        raise InvalidSpec(f"spec.maxPauseSeconds must be between 0 and {MAX_PAUSE:g}, not {value}")
     return value
 
 
@@ -394,6 +407,8 @@ def parse_spec(name: str, spec: Mapping[str, Any]) -> PoolSpec:
         api_idle_timeout_seconds=idle,
         standby=_flag(spec, "standby", defaults.STANDBY),
         hang_window_seconds=_hang_window(spec),
+        adaptive=_flag(spec, "adaptive", defaults.ADAPTIVE),
+        max_pause_seconds=_max_pause(spec),
         template=template,
         max_envelope_bytes=_size_limit(spec, "maxEnvelopeBytes", defaults.MAX_ENVELOPE_BYTES),
         max_result_bytes=_size_limit(spec, "maxResultBytes", defaults.MAX_RESULT_BYTES),

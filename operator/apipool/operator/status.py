@@ -12,10 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..ledger import SlotSeconds
 from ..stats import PoolStats
 from .planning import Action, ObservedPod
 
-REDIS_FIGURES = ("busySlots", "queueDepth", "inFlight", "deadLetters", "utilization")
+REDIS_FIGURES = (
+    "busySlots",
+    "queueDepth",
+    "inFlight",
+    "deadLetters",
+    "utilization",
+    "effectiveSlots",
+    "largestLoss",
+)
 """Status figures read from the pool's Redis: null when it could not be read."""
 STATUS_KEYS = frozenset(
     {"desiredSlots", "readySlots", "updatedSlots", "selector", "observedGeneration", "conditions"}
@@ -113,9 +122,13 @@ def build_status(
     generation: int,
     now: str,
     previous: Sequence[Mapping[str, Any]] = (),
+    ledger: SlotSeconds | None = None,
 ) -> dict[str, Any]:
     """The whole status of a pool: slot counts, the Redis figures (null when
-    ``stats`` is None: not known), and the three conditions."""
+    ``stats`` is None: not known), and the three conditions. With the pool's
+    ``ledger`` over the status window (slots write one), utilization is the
+    share of paid capacity spent calling and ``largestLoss`` the largest cause
+    of the rest; without it, utilization comes from the busy-time samples."""
     ready = sum(1 for p in pods if p.index < slots and p.ready and not p.terminating)
     current = sum(
         1
@@ -137,6 +150,12 @@ def build_status(
             inFlight=sum(stats.inflight.values()),
             deadLetters=stats.dead_letters,
         )
+        status["effectiveSlots"] = stats.effective_slots
+        if ledger is not None and ledger.utilization is not None:
+            utilization = min(1.0, ledger.utilization)
+            largest = ledger.largest_loss
+            if largest is not None:
+                status["largestLoss"] = {"cause": largest[0], "share": round(largest[1], 4)}
         if utilization is not None:
             status["utilization"] = round(utilization, 4)
     status["conditions"] = _conditions(

@@ -5,7 +5,9 @@ throwaway ``redis-server`` (unless a URL is given), the stand-in API with a hard
 limit of N, a local supervisor running N slot processes with the ``http``
 handler, producers that always keep work queued, and optionally a chaos task
 that SIGKILLs and SIGSTOPs slots (favouring slots in a call) and restarts or
-stops Redis. Everything listens on loopback and stops by itself.
+stops Redis, and a schedule that moves the stand-in's shared limit on calls in
+flight (``Scenario.shared_limits``). Everything listens on loopback and stops
+by itself.
 
 Modules
 =======

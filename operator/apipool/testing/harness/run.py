@@ -156,6 +156,15 @@ class PoolRun:
             pipe.llen(self.keys.inflight(i))
         return [int(x) for x in await pipe.execute()]
 
+    async def follow_shared_limits(self) -> None:
+        """Set the stand-in's shared limit as the scenario says, at its times from ``t0``."""
+        for at, limit in self.s.shared_limits:
+            while self.running and (delay := self.t0 + at - time.monotonic()) > 0:
+                await asyncio.sleep(min(delay, 0.1))
+            if not self.running:
+                return
+            self.api.set_shared_limit(limit)
+
     async def observe(self) -> None:
         n = self.s.slots
         while self.running:
@@ -260,7 +269,9 @@ async def _set_up(
     log_dir = scenario.log_dir or stack.enter_context(
         tempfile.TemporaryDirectory(prefix="apipool-run-")
     )
-    api = StandInApi(scenario.limit, default_ms=scenario.call_ms)
+    api = StandInApi(
+        scenario.limit, default_ms=scenario.call_ms, retry_after=scenario.api_retry_after
+    )
     await stack.enter_async_context(api)
     run = PoolRun(scenario, redis_url, api, log_dir)
     stack.push_async_callback(run.r.aclose)
@@ -289,6 +300,8 @@ async def _measure(
     run.t0 = time.monotonic()
     if run.s.chaos is not None:
         run.tasks.append(asyncio.create_task(run.injector.run(run.t0, server)))
+    if run.s.shared_limits:
+        run.tasks.append(asyncio.create_task(run.follow_shared_limits()))
     end = run.t0 + run.s.duration
     last_ok, last_t = 0, run.t0
     while (now := time.monotonic()) < end:
@@ -321,10 +334,19 @@ async def run_scenario(
     *,
     on_tick: Callable[[Snapshot], None] | None = None,
     tick: float = 0.25,
+    on_standin: Callable[[StandInApi], None] | None = None,
 ) -> ScenarioResult:
-    """Run one scenario to its end and account for every job."""
+    """Run one scenario to its end and account for every job.
+
+    ``on_standin`` is handed the stand-in API once it listens: to change its
+    settings during the run (from ``on_tick``, say), or to read more of its
+    counters afterwards (they stay readable once it has stopped; its clock
+    starts with the measured window).
+    """
     async with contextlib.AsyncExitStack() as stack:
         run, server = await _set_up(stack, scenario)
+        if on_standin is not None:
+            on_standin(run.api)
         await run.wait_ready()
         measured = await _measure(run, server, on_tick, tick)
         unfinished, useful, outcomes = await _wind_down(run, measured)

@@ -80,6 +80,19 @@ class Scenario:
     """With ``standby``: the keeper's hang window."""
     prefetch: bool = defaults.PREFETCH
     """Slots take their next job during a call while the queue is long."""
+    shared_limits: tuple[tuple[float, int | None], ...] = ()
+    """``(at, limit)``, in order: the stand-in's shared limit on calls in flight is
+    set to ``limit`` (``None``: off) ``at`` seconds into the measured run (0: at its
+    start). Before the run, and without any, there is none."""
+    api_retry_after: str | None = None
+    """Sent verbatim as ``Retry-After`` with the stand-in's 429s over a limit; ``None``: none."""
+
+    def __post_init__(self) -> None:
+        times = [at for at, _ in self.shared_limits]
+        if times != sorted(times) or any(at < 0 for at in times):
+            raise ValueError(f"shared_limits must be in order, at >= 0: {self.shared_limits}")
+        if any(limit is not None and limit < 0 for _, limit in self.shared_limits):
+            raise ValueError(f"shared limits must be >= 0 or None: {self.shared_limits}")
 
     @property
     def timings(self) -> Timings:

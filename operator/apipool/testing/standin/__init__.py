@@ -64,6 +64,34 @@ L}`` at once; its body, if any, is skipped. 429, 404 and 400 (bad ``ms``)
 follow the keep-alive rules above. A malformed request head gets 400 and the
 server closes the connection (a head alone never counts it).
 
+Pushing back
+============
+
+Three settings, each off by default and changeable at run time from any
+thread, make the stand-in refuse requests the way a paid API does. A refused
+request is answered at once (it never goes in flight), counted in
+``rejected_total`` and its arrival time kept in ``rejected_at``:
+
+*shared limit* (``shared_limit=``, :meth:`StandInApi.set_shared_limit`)
+    a limit on **requests in flight**, modelling other consumers that use part
+    of the API's limit: a request arriving while ``in_flight`` is at the shared
+    limit gets ``429 {"error": "shared limit", "in_flight": k, "limit": S}``
+    (also counted in ``shared_rejected_total``). Lowering it does not cut the
+    requests already in flight short. ``shared_limits`` records the limit in
+    force at the start (or last reset) and every change since, so that a
+    benchmark can measure goodput against the limit in force. The hard limit
+    and its over-limit accounting (connections) are unchanged by it, and are
+    checked first.
+*Retry-After* (``retry_after=``, :meth:`StandInApi.set_retry_after`)
+    a string sent verbatim as the ``Retry-After`` header of every 429 over
+    either limit: seconds, an HTTP date, or anything else a test wants to see
+    handled (printable ASCII only).
+*forced answers* (:meth:`StandInApi.throttle_next`)
+    the next ``count`` ``/work`` requests are answered ``429`` or ``503``
+    ``{"error": "throttled"}``, with their own ``Retry-After`` (or none),
+    whatever the limits (counted in ``forced_total`` too). For a test of one
+    pool-wide pause.
+
 Modules
 =======
 

@@ -3,9 +3,13 @@
 :class:`Accounting` is the only state shared between the server's event loop
 and the threads that read it (a test, the demo's live view): every method takes
 its lock, and :meth:`Accounting.snapshot` hands out a consistent
-:class:`StandInStats`. It knows nothing about sockets or HTTP; the connection
-protocol calls :meth:`~Accounting.request`, :meth:`~Accounting.done` and
-:meth:`~Accounting.leave` at the right moments.
+:class:`StandInStats`. It also holds the settings that other threads change
+while the server runs (the shared limit, the ``Retry-After`` value, the forced
+answers), so that a request is judged against one consistent view of them. It
+knows nothing about sockets; the connection protocol calls
+:meth:`~Accounting.request`, :meth:`~Accounting.done` and
+:meth:`~Accounting.leave` at the right moments, and answers a request that
+:meth:`~Accounting.request` refused as its :class:`Refusal` says.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ import threading
 import time
 from collections import deque
 from http import HTTPStatus
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
-__all__ = ["MAX_SAMPLES", "Accounting", "OverLimitEvent", "StandInStats"]
+__all__ = [
+    "MAX_SAMPLES",
+    "Accounting",
+    "Admission",
+    "OverLimitEvent",
+    "Refusal",
+    "StandInStats",
+]
 
 MAX_SAMPLES = 200_000
 """Timeline entries kept by :class:`Accounting`; older ones are dropped."""
@@ -33,6 +44,26 @@ class OverLimitEvent(TypedDict):
     start: float
     end: float | None
     peak: int
+
+
+class Refusal(NamedTuple):
+    """How to answer a request that is not served: at once, with this status and body."""
+
+    status: int
+    payload: dict[str, Any]
+    retry_after: str | None
+    """The ``Retry-After`` header's value, sent verbatim; ``None``: no such header."""
+
+
+class Admission(NamedTuple):
+    """What :meth:`Accounting.request` decided about a request head."""
+
+    active: int
+    """Open connections counted, the request's own included."""
+    started: float | None
+    """When it went in flight (``time.monotonic()``); ``None`` if refused."""
+    refusal: Refusal | None
+    """How to answer it at once, if it is refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +91,8 @@ class StandInStats:
     """Request heads counted (``/stats`` and malformed heads aside)."""
     ok_total: int
     rejected_total: int
-    """Requests answered 429."""
+    """Requests answered at once without being served: over the limit (429), over
+    the shared limit (429) or forced (:meth:`Accounting.throttle_next`: 429 or 503)."""
     busy_seconds: float
     """Integral over time of ``min(in_flight, limit)``: capacity doing work."""
     useful_seconds: float
@@ -69,6 +101,21 @@ class StandInStats:
     """Sum of ``ms / 1000`` over requests answered 200."""
     samples: list[tuple[float, int, int]]
     """``(seconds since start, active, in_flight)`` at every change, oldest first."""
+    shared_limit: int | None = None
+    """The shared limit on requests in flight now; ``None``: off."""
+    shared_limits: list[tuple[float, int | None]] = dataclasses.field(default_factory=list)
+    """``(seconds since start, shared limit)``: the one in force at the start, then
+    every change, oldest first."""
+    shared_rejected_total: int = 0
+    """Requests answered 429 because ``in_flight`` was at the shared limit (counted in
+    ``rejected_total`` too)."""
+    forced_total: int = 0
+    """Requests answered at once by :meth:`Accounting.throttle_next` (in ``rejected_total``)."""
+    retry_after: str | None = None
+    """The ``Retry-After`` value sent with 429s over a limit now; ``None``: none."""
+    rejected_at: list[float] = dataclasses.field(default_factory=list)
+    """Seconds since start at which each request counted in ``rejected_total`` arrived,
+    oldest first (left out with the timeline)."""
 
     @property
     def utilisation(self) -> float:
@@ -80,17 +127,25 @@ class StandInStats:
         """The snapshot as plain JSON-serialisable data."""
         out = dataclasses.asdict(self)
         out["samples"] = [list(s) for s in self.samples]
+        out["shared_limits"] = [list(s) for s in self.shared_limits]
         return out
 
 
 class Accounting:
     """The counters, guarded by a lock so any thread may read or reset them."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, *, shared_limit: int | None = None, retry_after: str | None = None
+    ) -> None:
         self.limit = limit
         self.lock = threading.Lock()
         self.active = 0
         self.in_flight = 0
+        # Settings, changed at run time from any thread; kept across a reset.
+        self.shared_limit = shared_limit
+        self.retry_after = retry_after
+        self.forced_left = 0
+        self.forced = Refusal(429, {"error": "throttled"}, None)
         self._reset_locked()
 
     def _reset_locked(self) -> None:
@@ -108,6 +163,11 @@ class Accounting:
         self.requests_total = 0
         self.ok_total = 0
         self.rejected_total = 0
+        self.shared_rejected_total = 0
+        self.forced_total = 0
+        self.rejected_at: deque[float] = deque(maxlen=MAX_SAMPLES)
+        self.shared_limits: deque[tuple[float, int | None]] = deque(maxlen=MAX_SAMPLES)
+        self.shared_limits.append((0.0, self.shared_limit))
         self.busy_seconds = 0.0
         self.useful_seconds = 0.0
         self.nominal_seconds = 0.0
@@ -140,26 +200,64 @@ class Accounting:
                 self.events.append({"start": now - self.t0, "end": None, "peak": n})
         return n
 
-    def request(self, new_connection: bool) -> tuple[int, float | None]:
-        """Count a request head, and its connection if it is not counted yet.
+    def _refusal_locked(self, n: int, work: bool) -> Refusal | None:
+        """Whether a request is refused, and how: forced answers first (``/work`` only,
+        whatever the limits), then the hard limit on connections, then the shared
+        limit on requests in flight."""
+        if work and self.forced_left > 0:
+            self.forced_left -= 1
+            self.forced_total += 1
+            return self.forced
+        if n > self.limit:
+            body = {"error": "over limit", "active": n, "limit": self.limit}
+            return Refusal(HTTPStatus.TOO_MANY_REQUESTS, body, self.retry_after)
+        shared = self.shared_limit
+        if shared is not None and self.in_flight >= shared:
+            self.shared_rejected_total += 1
+            body = {"error": "shared limit", "in_flight": self.in_flight, "limit": shared}
+            return Refusal(HTTPStatus.TOO_MANY_REQUESTS, body, self.retry_after)
+        return None
 
-        Return the active count including it, and the time the request went in
-        flight, or ``None`` if it is over the limit (to be answered 429 at once).
-        """
+    def request(self, new_connection: bool, *, work: bool = False) -> Admission:
+        """Count a request head (``work``: one for ``/work``), and its connection
+        if it is not counted yet; decide whether it goes in flight or is refused."""
         with self.lock:
             now = time.monotonic()
             self._advance_locked(now)
             self.requests_total += 1
             n = self._open_locked(now) if new_connection else self.active
-            if n > self.limit:
+            refusal = self._refusal_locked(n, work)
+            if refusal is not None:
                 self.rejected_total += 1
+                self.rejected_at.append(now - self.t0)
                 if new_connection:
                     self._sample_locked(now)
-                return n, None
+                return Admission(n, None, refusal)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._sample_locked(now)
-            return n, now
+            return Admission(n, now, None)
+
+    def set_shared_limit(self, limit: int | None) -> None:
+        """Requests arriving while ``limit`` are in flight are refused from now on
+        (``None``: no shared limit); the change is recorded."""
+        with self.lock:
+            now = time.monotonic()
+            self._advance_locked(now)
+            self.shared_limit = limit
+            self.shared_limits.append((now - self.t0, limit))
+
+    def set_retry_after(self, value: str | None) -> None:
+        """The ``Retry-After`` value of 429s over a limit from now on (``None``: none)."""
+        with self.lock:
+            self.retry_after = value
+
+    def throttle_next(self, count: int, status: int, retry_after: str | None) -> None:
+        """The next ``count`` ``/work`` requests are refused with ``status`` and
+        ``retry_after``, whatever the limits; replaces forced answers still pending."""
+        with self.lock:
+            self.forced_left = count
+            self.forced = Refusal(status, {"error": "throttled"}, retry_after)
 
     def done(self, started: float, status: int, ms: float) -> None:
         """A request in flight since ``started`` is answered ``status``."""
@@ -222,4 +320,10 @@ class Accounting:
                 useful_seconds=self.useful_seconds,
                 nominal_seconds=self.nominal_seconds,
                 samples=list(self.samples) if include_samples else [],
+                shared_limit=self.shared_limit,
+                shared_limits=list(self.shared_limits),
+                shared_rejected_total=self.shared_rejected_total,
+                forced_total=self.forced_total,
+                retry_after=self.retry_after,
+                rejected_at=list(self.rejected_at) if include_samples else [],
             )

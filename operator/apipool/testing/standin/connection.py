@@ -130,16 +130,16 @@ class Connection(asyncio.Protocol):
         return self._admit()
 
     def _admit(self) -> bool:
-        """Count the request just read: answer 429 at once if over the limit, else serve it."""
-        n, started = self._acct.request(new_connection=not self._counted)
+        """Count the request just read: answer at once if it is refused (over a
+        limit, or a forced answer), else serve it."""
+        work = urlsplit(self._target).path == "/work"
+        n, started, refusal = self._acct.request(new_connection=not self._counted, work=work)
         self._counted = True
         self._arrival_active = n
-        if started is None:
-            self._reply(
-                HTTPStatus.TOO_MANY_REQUESTS,
-                {"error": "over limit", "active": n, "limit": self._api.limit},
-            )
+        if refusal is not None:
+            self._reply(refusal.status, refusal.payload, retry_after=refusal.retry_after)
             return True
+        assert started is not None
         self._started = started
         self._state = "body"
         return True
@@ -170,18 +170,26 @@ class Connection(asyncio.Protocol):
         self._reply(HTTPStatus.OK, {"ok": True, "ms": ms, "active": self._arrival_active}, ms)
         self._pump()
 
-    def _reply(self, status: int, payload: dict[str, Any], ms: float = 0.0) -> None:
+    def _reply(
+        self,
+        status: int,
+        payload: dict[str, Any],
+        ms: float = 0.0,
+        *,
+        retry_after: str | None = None,
+    ) -> None:
         """Answer a counted request; then wait for the next one, or linger if asked to close."""
         assert self._transport is not None
         if self._started is not None:
             self._acct.done(self._started, status, ms)
             self._started = None
         if self._keep_alive:
-            self._transport.write(response(status, payload, self._api.idle_timeout))
+            idle = self._api.idle_timeout
+            self._transport.write(response(status, payload, idle, retry_after=retry_after))
             self._state = "head"
             self._arm(self._api.idle_timeout, self._expired)
         else:
-            self._transport.write(response(status, payload))
+            self._transport.write(response(status, payload, retry_after=retry_after))
             self._state = "linger"
             self._buf.clear()
             self._arm(self._api.linger_timeout, self._expired)

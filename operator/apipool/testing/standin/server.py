@@ -7,17 +7,31 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
 from ...errors import ConfigError
 from .accounting import Accounting, StandInStats
 from .connection import Connection
+from .wire import header_value_ok
 
 __all__ = ["StandInApi", "StandInThread", "run_in_thread"]
 
 BACKLOG = 2048
 """Pending connections the listening socket queues."""
+FORCED_STATUSES = (int(HTTPStatus.TOO_MANY_REQUESTS), int(HTTPStatus.SERVICE_UNAVAILABLE))
+"""What :meth:`StandInApi.throttle_next` may answer."""
+
+
+def _check_shared_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise ConfigError(f"shared_limit must be >= 0 or None, got {limit}")
+
+
+def _check_retry_after(value: str | None) -> None:
+    if value is not None and not header_value_ok(value):
+        raise ConfigError(f"retry_after must be printable ASCII, got {value!r}")
 
 
 class StandInApi:
@@ -32,9 +46,13 @@ class StandInApi:
         default_ms: float = 100.0,
         linger_timeout: float = 120.0,
         idle_timeout: float = 60.0,
+        shared_limit: int | None = None,
+        retry_after: str | None = None,
     ) -> None:
         if limit < 1:
             raise ConfigError(f"limit must be >= 1, got {limit}")
+        _check_shared_limit(shared_limit)
+        _check_retry_after(retry_after)
         if not math.isfinite(default_ms) or default_ms < 0:
             raise ConfigError(f"default_ms must be >= 0, got {default_ms}")
         if not linger_timeout > 0:
@@ -47,7 +65,7 @@ class StandInApi:
         self.linger_timeout = float(linger_timeout)
         self.idle_timeout = float(idle_timeout)
         self._requested_port = port
-        self._acct = Accounting(limit)
+        self._acct = Accounting(limit, shared_limit=shared_limit, retry_after=retry_after)
         self._server: asyncio.Server | None = None
         self._connections: set[Connection] = set()
 
@@ -108,6 +126,41 @@ class StandInApi:
     def reset(self) -> None:
         """Zero the counters; connections open now stay counted. Thread-safe."""
         self._acct.reset()
+
+    @property
+    def shared_limit(self) -> int | None:
+        """The shared limit on requests in flight now; ``None``: off."""
+        return self._acct.shared_limit
+
+    def set_shared_limit(self, limit: int | None) -> None:
+        """From now on, a request arriving while ``limit`` requests are in flight is
+        answered 429 at once (``None``: no shared limit). Requests already in flight
+        are served to their end. The change is recorded in the stats. Thread-safe."""
+        _check_shared_limit(limit)
+        self._acct.set_shared_limit(limit)
+
+    @property
+    def retry_after(self) -> str | None:
+        """The ``Retry-After`` value sent with 429s over a limit; ``None``: none."""
+        return self._acct.retry_after
+
+    def set_retry_after(self, value: str | None) -> None:
+        """Send ``value`` verbatim as ``Retry-After`` with every 429 over a limit from
+        now on (``None``: no such header). Thread-safe."""
+        _check_retry_after(value)
+        self._acct.set_retry_after(value)
+
+    def throttle_next(self, count: int, status: int = 429, retry_after: str | None = None) -> None:
+        """Answer the next ``count`` ``/work`` requests ``status`` (429 or 503) at
+        once, with ``retry_after`` verbatim as ``Retry-After`` unless ``None``,
+        whatever the limits. Replaces forced answers still pending (``count`` 0
+        cancels them). Thread-safe."""
+        if count < 0:
+            raise ConfigError(f"count must be >= 0, got {count}")
+        if status not in FORCED_STATUSES:
+            raise ConfigError(f"status must be one of {FORCED_STATUSES}, got {status}")
+        _check_retry_after(retry_after)
+        self._acct.throttle_next(count, status, retry_after)
 
     def useful_between(self, start: float, end: float) -> float:
         """Seconds of service of 200 answers inside [start, end] (seconds since the

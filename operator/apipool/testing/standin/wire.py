@@ -11,7 +11,15 @@ import math
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_BODY", "MAX_HEAD", "BadRequest", "Head", "parse_head", "response"]
+__all__ = [
+    "MAX_BODY",
+    "MAX_HEAD",
+    "BadRequest",
+    "Head",
+    "header_value_ok",
+    "parse_head",
+    "response",
+]
 
 MAX_HEAD = 64 * 1024
 """Longest request head accepted; a longer one is answered 400."""
@@ -39,8 +47,21 @@ def seconds(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-def response(status: int, payload: dict[str, Any], keep_alive: float | None = None) -> bytes:
-    """A whole response; ``keep_alive`` is the idle timeout to announce, ``None`` to close."""
+def header_value_ok(value: str) -> bool:
+    """Whether ``value`` can be sent verbatim as a header value: printable ASCII
+    and tabs only (no line break could end the header early)."""
+    return all(char == "\t" or " " <= char <= "~" for char in value)
+
+
+def response(
+    status: int,
+    payload: dict[str, Any],
+    keep_alive: float | None = None,
+    *,
+    retry_after: str | None = None,
+) -> bytes:
+    """A whole response; ``keep_alive`` is the idle timeout to announce, ``None`` to close;
+    ``retry_after``, if given, is sent verbatim as the ``Retry-After`` header."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     reason = HTTPStatus(status).phrase
     if keep_alive is None:
@@ -49,11 +70,12 @@ def response(status: int, payload: dict[str, Any], keep_alive: float | None = No
         connection = "Connection: keep-alive\r\n"
         if math.isfinite(keep_alive):
             connection += f"Keep-Alive: timeout={seconds(keep_alive)}\r\n"
+    extra = "" if retry_after is None else f"Retry-After: {retry_after}\r\n"
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        f"{connection}\r\n"
+        f"{connection}{extra}\r\n"
     )
     return head.encode("ascii") + body
 
