@@ -183,6 +183,28 @@ def test_demo_json_holds_the_cap_and_loses_nothing() -> None:
     assert_cap_held_and_nothing_lost(code, doc, stderr, limit=3)
 
 
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+def test_demo_svg_saves_the_final_view_with_the_slot_time(tmp_path: Path) -> None:
+    """``--svg``: the demo's own view, its slot-time bar included, as a picture."""
+    picture = tmp_path / "demo.svg"
+    proc = subprocess.run(
+        demo_command("--duration", "4", "--slots", "2", "--svg", str(picture)),
+        env=cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = picture.read_text()
+    assert text.startswith("<svg")
+    for words in ("apipool", "demo", "slot", "time", "calling"):
+        assert words in text, words
+    assert "cap held" in proc.stdout or "held" in proc.stdout
+
+
 def early_fault_seed(slots: int) -> int:
     """A seed whose first chaos interval is short, so a 6 s run surely sees a fault.
 

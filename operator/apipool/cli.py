@@ -283,6 +283,7 @@ def _add_other_commands(sub: Any) -> None:
     demo.add_argument("--slots", type=int, default=4, metavar="N")
     demo.add_argument("--chaos", action="store_true", help="SIGKILL and SIGSTOP random slots")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.add_argument("--svg", metavar="PATH", help="save the final view and summary as an SVG")
     demo.add_argument("--redis-url", default=default_redis_url(),
                       help="use this Redis instead of a throwaway redis-server")  # fmt: skip
     demo.add_argument("--call-ms", type=_positive, default=100.0, help="API call duration")

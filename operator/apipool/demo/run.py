@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import signal
 import sys
@@ -34,7 +35,7 @@ from .signals import (
     sigterm_interrupts,
 )
 from .summary import render_summary, result_doc, verdict
-from .view import LiveView, logs_above
+from .view import PANEL_WIDTH, LiveView, logs_above
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -146,6 +147,33 @@ def _run_live(scenario: Scenario, console: Console) -> ScenarioResult:
     return result
 
 
+def _run_recorded(scenario: Scenario) -> tuple[ScenarioResult, LiveView]:
+    """Run with the live view's state but no live display (``--svg``): the view
+    is rendered once, at the end, into the picture."""
+    view = LiveView(scenario)
+    progress = _ProgressLines(sys.stderr)
+
+    def tick(snap: Snapshot) -> None:
+        view.update(snap)
+        progress(snap)
+
+    _say(f"{scenario.slots} slots, {scenario.duration:g} s; the view goes to an SVG at the end")
+    try:
+        result = _run(scenario, tick, on_stop=view.stopping, on_redis=view.watch)
+    finally:
+        view.close()
+    view.phase = "done"
+    return result, view
+
+
+def save_svg(path: str, view: LiveView, result: ScenarioResult) -> None:
+    """The demo's final view and its summary as an SVG picture at ``path``."""
+    console = Console(record=True, width=PANEL_WIDTH + 4, file=io.StringIO(), highlight=False)
+    console.print(view)
+    console.print(render_summary(result))
+    console.save_svg(path, title="apipool demo")
+
+
 class _ProgressLines:
     """``on_tick`` without a live view: a plain line on ``stream`` every few seconds."""
 
@@ -216,6 +244,16 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"error: {exc}")
         return ExitCode.USAGE
     out = Console(highlight=False)
+    if getattr(args, "svg", None):
+        try:
+            with sigterm_interrupts():
+                recorded, view = _run_recorded(scenario)
+        except KeyboardInterrupt:
+            return signal_exit_code(signal.SIGINT)
+        save_svg(str(args.svg), view, recorded)
+        _say(f"the view is in {args.svg}")
+        out.print(render_summary(recorded))
+        return verdict(recorded).exit_code
     result = _run_until_done(scenario, out, live)
     if isinstance(result, int):
         return result

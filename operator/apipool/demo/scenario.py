@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import defaults
 from ..testing.harness import ChaosPlan, Scenario
 
 __all__ = ["LIVENESS_WINDOW", "build_scenario", "chaos_interval"]
@@ -44,6 +45,10 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         # calls (--call-ms 3000) from timing out on every attempt.
         call_timeout=max(Scenario.call_timeout, 2.0 * call_ms / 1000.0),
         liveness_window=LIVENESS_WINDOW,
+        # Slots as `apipool up` runs them: under keepers, with prefetch; chaos
+        # then hits the workers, which the keepers replace.
+        standby=defaults.STANDBY,
+        prefetch=defaults.PREFETCH,
         redis_url=args.redis_url or None,
         seed=args.seed,
     )
