@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -64,6 +65,34 @@ def test_standin_serves_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_standin_with_a_shared_limit_says_slow_down() -> None:
+    """``--shared-limit 0 --retry-after 7``: every call refused with the header."""
+    port = free_port()
+    argv = ["standin", "--limit", "2", "--port", str(port), "--shared-limit", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apipool", *argv, "--retry-after", "7"],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+
+        def refused() -> tuple[int, str | None] | None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/work?ms=1", timeout=1)
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.headers.get("Retry-After")
+            except OSError:
+                return None
+            return 200, None
+
+        assert wait_for(refused, 15, interval=0.1, what="the stand-in") == (429, "7")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
 
 
 def apipool(*args: str, redis_url: str | None = None, stdin: str | None = None) -> Completed:

@@ -272,6 +272,16 @@ def _add_other_commands(sub: Any) -> None:
     standin.add_argument("--host", default="127.0.0.1")
     standin.add_argument("--port", type=_count, default=8080)
     standin.add_argument("--ms", type=_positive, default=100.0, help="default call duration")
+    standin.add_argument(
+        "--shared-limit",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="answer 429 to a call arriving while N calls are in flight (a shared limit)",
+    )
+    standin.add_argument(
+        "--retry-after", default=None, metavar="V", help="send Retry-After: V with every 429"
+    )
 
     sub.add_parser(
         "operator",
@@ -480,7 +490,14 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     from .testing.standin import StandInApi
 
     async def serve() -> None:
-        api = StandInApi(args.limit, host=args.host, port=args.port, default_ms=args.ms)
+        api = StandInApi(
+            args.limit,
+            host=args.host,
+            port=args.port,
+            default_ms=args.ms,
+            shared_limit=args.shared_limit,
+            retry_after=args.retry_after,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 nothing else would stop it
