@@ -112,6 +112,12 @@ def test_the_pool_adapts_below_n_and_climbs_back(
         assert refused <= 0.1 * (served + refused), (refused, served)
         assert effective(r, pool) <= 3
         assert parked(slots) >= 1
+        # A parked slot holds no connection to the API: at most one per slot in use.
+        wait_for(
+            lambda: api.stats(include_samples=False).active <= effective(r, pool) + 1,
+            5,
+            what="parked slots' connections closed",
+        )
         api.set_shared_limit(None)  # the others are gone
         wait_for(lambda: effective(r, pool) == N, 15, what="the pool back to N")
         wait_for(lambda: parked(slots) == 0, 5, what="no slot parked")

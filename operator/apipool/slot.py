@@ -178,6 +178,7 @@ class SlotWorker:
             return raw
         await self.runner.refresh_signals()  # the pool's pause, its effective concurrency
         if self.runner.parked:  # above the effective concurrency: take nothing
+            await close_http_session()  # and hold no connection to the API either
             with self.time.state("held_back"):
                 await self.runner.wait_unparked()
             return None

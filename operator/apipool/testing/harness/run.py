@@ -83,6 +83,7 @@ class PoolRun:
                 log_dir=log_dir,
                 standby=scenario.standby,
                 prefetch=scenario.prefetch,
+                adaptive=scenario.adaptive,
             )
         )
         self.accepted: list[str] = []

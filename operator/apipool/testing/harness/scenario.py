@@ -80,6 +80,8 @@ class Scenario:
     """With ``standby``: the keeper's hang window."""
     prefetch: bool = defaults.PREFETCH
     """Slots take their next job during a call while the queue is long."""
+    adaptive: bool = defaults.ADAPTIVE
+    """Slots use fewer of themselves while the API answers 429 (throttling.py)."""
     shared_limits: tuple[tuple[float, int | None], ...] = ()
     """``(at, limit)``, in order: the stand-in's shared limit on calls in flight is
     set to ``limit`` (``None``: off) ``at`` seconds into the measured run (0: at its
