@@ -20,6 +20,7 @@ BENCHMARKS = (
     "memory",
     "operator",
     "operator-scale",
+    "integrations",
 )
 """Benchmark names, in the order ``python -m bench`` runs them: each is the name of
 a module here, a dash standing for an underscore."""

@@ -2,13 +2,24 @@
 
 It talks only to Redis (never to Kubernetes) and speaks the wire format of
 docs/wire-format.md, so producers in other languages can do the same by hand.
+
+A :class:`Client` is fork-safe: one made before ``os.fork()`` (an RQ worker
+before its work horse, Celery's prefork parent) may be used in the parent and
+in every child. redis-py's connection pool notices the new process id and opens
+the child's own connections, never sharing the parent's sockets; the client's
+own lock is made anew in the child the same way. It is thread-safe as redis-py
+is. See docs/integrations.md.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +27,8 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from . import defaults
-from .envelope import make_envelope, parse_envelope
+from . import defaults, layout
+from .envelope import ID_PATTERN, make_envelope, parse_envelope
 from .errors import (
     ConfigError,
     EnvelopeError,
@@ -27,8 +38,15 @@ from .errors import (
     RedisUnavailable,
     ResultTimeout,
 )
-from .protocol import Outcome, PoolProtocol
+from .protocol import CancelCode, Outcome, PoolProtocol
 from .settings import check_pool_name
+
+log = logging.getLogger("apipool.client")
+
+REMEMBER_JOBS = 10_000
+"""The most envelopes a client remembers for :meth:`Client.cancel` (the newest)."""
+REMEMBER_BYTES = 16 * 1024 * 1024
+"""The most bytes of envelopes it remembers; the oldest are forgotten first."""
 
 
 def _int_or(value: Any, default: int) -> int:
@@ -98,8 +116,53 @@ class JobResult:
         raise JobFailed(self.id, f"unknown result status {self.status!r}", self.attempt)
 
 
+class _Sent:
+    """The envelopes this process submitted, newest last, bounded by count and bytes:
+    :meth:`Client.cancel` removes one of them by its exact bytes (``LREM``)."""
+
+    def __init__(self, max_jobs: int, max_bytes: int) -> None:
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self._envelopes: OrderedDict[str, str] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _locked(self) -> threading.Lock:
+        if self._pid != os.getpid():  # a forked child: the parent's lock may be held
+            self._pid, self._lock = os.getpid(), threading.Lock()
+        return self._lock
+
+    def add(self, job_id: str, raw: str) -> None:
+        if len(raw) > self.max_bytes or self.max_jobs <= 0:
+            return
+        with self._locked():
+            old = self._envelopes.pop(job_id, None)
+            self._bytes += len(raw) - (len(old) if old is not None else 0)
+            self._envelopes[job_id] = raw
+            while len(self._envelopes) > self.max_jobs or self._bytes > self.max_bytes:
+                _, dropped = self._envelopes.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def get(self, job_id: str) -> str:
+        with self._locked():
+            return self._envelopes.get(job_id, "")
+
+    def forget(self, job_id: str) -> None:
+        with self._locked():
+            raw = self._envelopes.pop(job_id, None)
+            if raw is not None:
+                self._bytes -= len(raw)
+
+    def __len__(self) -> int:
+        return len(self._envelopes)
+
+
 class Client:
-    """Submit jobs to pool ``pool`` on ``redis_url`` and wait for their results."""
+    """Submit jobs to pool ``pool`` on ``redis_url`` and wait for their results.
+
+    ``remember_jobs`` / ``remember_bytes`` bound the envelopes kept for
+    :meth:`cancel` (0 jobs: keep none; cancel then always scans the queue)."""
 
     def __init__(
         self,
@@ -108,6 +171,8 @@ class Client:
         *,
         max_envelope_bytes: int = defaults.MAX_ENVELOPE_BYTES,
         socket_timeout: float = 5.0,
+        remember_jobs: int = REMEMBER_JOBS,
+        remember_bytes: int = REMEMBER_BYTES,
     ) -> None:
         self.pool = check_pool_name(pool)
         self.protocol = PoolProtocol(pool)
@@ -115,6 +180,8 @@ class Client:
         self.max_envelope_bytes = max_envelope_bytes
         self._socket_timeout = socket_timeout
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=socket_timeout)
+        self._sent = _Sent(remember_jobs, remember_bytes)
+        self._unread_refused = False
 
     def close(self) -> None:
         self._redis.close()
@@ -139,13 +206,15 @@ class Client:
         parse_envelope(raw, max_bytes=self.max_envelope_bytes)
         return env.id, raw
 
-    def _push(self, raws: list[str]) -> None:
+    def _push(self, encoded: list[tuple[str, str]]) -> None:
         try:
-            answer = self.protocol.submit(raws).run(self._redis)
+            answer = self.protocol.submit([raw for _, raw in encoded]).run(self._redis)
         except RedisError as exc:
             raise RedisUnavailable(f"submitting to pool {self.pool!r} failed: {exc}") from exc
         if not answer.accepted:
             raise QueueFull(self.pool, depth=answer.depth, limit=self.max_queue_length())
+        for job_id, raw in encoded:
+            self._sent.add(job_id, raw)
 
     def submit(
         self, payload: Any, *, deadline: float | None = None, handler: str | None = None
@@ -153,7 +222,7 @@ class Client:
         """Queue one job; return its id. ``deadline`` is a unix time after which
         the call is not worth making (the job is then answered ``expired``)."""
         job_id, raw = self._encode(payload, deadline, handler)
-        self._push([raw])
+        self._push([(job_id, raw)])
         return job_id
 
     def submit_many(
@@ -174,28 +243,47 @@ class Client:
             )
         encoded = [self._encode(p, deadline, handler) for p in batch]
         if encoded:
-            self._push([raw for _, raw in encoded])
+            self._push(encoded)
         return [job_id for job_id, _ in encoded]
 
     # -- results ----------------------------------------------------------------
 
     def wait(self, job_id: str, timeout: float) -> JobResult:
         """Block until the job's result record exists; it stays for other readers.
-        ResultTimeout when it does not appear in time; JobFailed when it is malformed."""
+        ResultTimeout when it does not appear in time; JobFailed when it is malformed.
+        Reading it takes the job off the pool's unread set (it is not counted
+        ``expired_unread``)."""
         key = self.keys.result(job_id)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ResultTimeout(job_id, timeout)
-            # Blocking rotation of a one-element list: reads without removing.
+            # Blocking rotation of a one-element list: reads without removing;
+            # then, in the same round trip, ZREM from the unread set (a no-op
+            # while there is no record: COMPLETE adds the id with the record).
             block = min(left, max(self._socket_timeout - 1.0, 0.1))
+            pipe = self._redis.pipeline(transaction=False)
+            # a decimal timeout, which Redis >= 6 accepts (the stub says int)
+            pipe.blmove(key, key, block, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+            pipe.zrem(self.keys.unread, job_id)
             try:
-                # a decimal timeout, which Redis >= 6 accepts (the stub says int)
-                raw = self._redis.blmove(key, key, block, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+                raw, unread = pipe.execute(raise_on_error=False)
             except RedisError as exc:
                 raise RedisUnavailable(f"waiting for job {job_id} failed: {exc}") from exc
+            if isinstance(raw, RedisError):
+                raise RedisUnavailable(f"waiting for job {job_id} failed: {raw}") from raw
+            if isinstance(unread, RedisError) and not self._unread_refused:
+                self._unread_refused = True  # the read itself worked: do not fail it
+                log.warning(
+                    "pool %r: results read here are counted as expired unread, Redis "
+                    "refused ZREM on %s: %s (see the producer's ACL in docs/operations.md)",
+                    self.pool,
+                    self.keys.unread,
+                    unread,
+                )
             if raw is not None:
+                self._sent.forget(job_id)
                 return JobResult.from_json(raw, job_id)
 
     def result(self, job_id: str, timeout: float = 30.0) -> Any:
@@ -213,6 +301,33 @@ class Client:
         """Submit and wait: the handler's return value, or a typed error."""
         job_id = self.submit(payload, deadline=deadline, handler=handler)
         return self.result(job_id, timeout)
+
+    # -- calls nobody waits for ------------------------------------------------
+
+    def cancel(self, job_id: str, *, scan: int = layout.CANCEL_SCAN) -> bool:
+        """Remove job ``job_id`` from the queue before a slot takes it: True when
+        removed (no slot will call it, no result record is written: a waiter
+        elsewhere times out), False when it is not in the queue (a slot took it,
+        it is done, or it is unknown), atomically (CANCEL in layout.py).
+
+        A job this client submitted (one of its newest ``remember_jobs``) is found
+        by its exact envelope wherever it is in the queue. Any other (another
+        process submitted it, or it waits for a retry) is looked for among the
+        ``scan`` envelopes nearest the end slots take from: Redis reads up to
+        that many, decoding only those that contain the id. An id no envelope
+        may carry (see the envelope's id rule) is never in the queue: False,
+        without asking Redis."""
+        if not isinstance(job_id, str) or not ID_PATTERN.fullmatch(job_id):
+            return False
+        step = self.protocol.cancel(job_id, self._sent.get(job_id), scan=scan)
+        try:
+            code = step.run(self._redis)
+        except RedisError as exc:
+            raise RedisUnavailable(f"cancelling job {job_id} failed: {exc}") from exc
+        if code == CancelCode.BEYOND_SCAN:
+            log.debug("job %s not among the %d envelopes next in line", job_id, scan)
+        self._sent.forget(job_id)
+        return code == CancelCode.REMOVED
 
     # -- pool settings producers read ------------------------------------------
 

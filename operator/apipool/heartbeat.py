@@ -23,6 +23,9 @@ Guarantees of :class:`Heartbeat`:
   seconds are written with the next one, so none is lost while the process
   lives (a surplus slot's seconds are not the pool's and are dropped).
   :meth:`Heartbeat.close_ledger` writes the last ones at a stop.
+- while it holds its lease, a beat at most every ``SWEEP_INTERVAL_MS`` also
+  starts SWEEP (layout.py) beside the beats: pool-wide one slot a period counts
+  the results that expired unread, into ``apipool_results_expired_unread_total``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .layout import SWEEP_INTERVAL_MS
 from .lease import Lease
 from .ledger import Buckets, by_minute, merge_buckets
 from .metrics import SlotMetrics
@@ -83,6 +87,8 @@ class Heartbeat:
         self.ledger_failures = 0
         self._ledger_ok = True
         """Ledger writes that failed (their seconds went with a later write)."""
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._swept_at: float | None = None
 
     def since_tick(self) -> float:
         """Seconds since the latest beat started."""
@@ -106,7 +112,30 @@ class Heartbeat:
                 self.metrics.lease_losses.inc()
             self.metrics.lease_held.set(1 if self.lease.valid_for(0) else 0)
         self._account()
+        self._maybe_sweep()
         self._changed.set()
+
+    # -- results that expired unread -------------------------------------------------
+
+    def _maybe_sweep(self) -> None:
+        """Start a SWEEP beside the beats when this slot's turn may have come."""
+        now = self._clock()
+        due = self._swept_at is None or now - self._swept_at >= SWEEP_INTERVAL_MS / 1000
+        idle = self._sweep_task is None or self._sweep_task.done()
+        if due and idle and self.redis_ok and self.refused is None and self.lease.valid_for(0):
+            self._swept_at = now
+            self._sweep_task = asyncio.create_task(self._sweep(), name="sweep")
+
+    async def _sweep(self) -> None:
+        try:
+            counted = await self.lease.proto.sweep(now_ms=int(self._wall() * 1000)).arun(self.r)
+        except RedisError as exc:  # counted by the next sweep that gets through
+            log.debug("sweeping results that expired unread failed: %s", exception_text(exc))
+            return
+        if counted > 0:
+            log.info("%d result(s) expired unread", counted)
+            if self.metrics is not None:
+                self.metrics.expired_unread.inc(counted)
 
     # -- the ledger ------------------------------------------------------------------
 
@@ -151,6 +180,8 @@ class Heartbeat:
         """At a stop, after :meth:`run` ended: write the seconds up to now."""
         if self._ledger_task is not None:
             await asyncio.gather(self._ledger_task, return_exceptions=True)
+        if self._sweep_task is not None:
+            await asyncio.gather(self._sweep_task, return_exceptions=True)
         self._take_seconds()
         written = await self._write_ledger()
         if self.slot_time is not None:

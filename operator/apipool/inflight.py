@@ -302,6 +302,8 @@ class InFlight:
             outcome=outcome,
             busy_ms=busy_ms,
             take_next=self._take_next(take_next),
+            # an answer at the job's own result key: counted if it expires unread
+            unread=job_id if outcome == Outcome.OK and not reply_to else None,
         )
         done = await self._run(f"completing job {job_id}", step, raw=raw)
         if done == FinishCode.WRONG_TYPE:

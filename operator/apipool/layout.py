@@ -40,7 +40,8 @@ today's clients connect to one Redis endpoint, without Cluster or Sentinel disco
                                 one per :class:`apipool.protocol.Outcome`
                                 (``ok``, ``expired``, ``dead``, ``retried``,
                                 ``recovered``), ``busy_ms`` (handler time of
-                                finished calls).
+                                finished calls), ``cancelled`` (CANCEL),
+                                ``expired_unread`` (SWEEP).
 ``apipool:{P}:pause``           STRING while the pool is paused because the API
                                 sent Retry-After: the unix time it ends, with
                                 a matching PX expiry (throttling.py).
@@ -60,6 +61,17 @@ today's clients connect to one Redis endpoint, without Cluster or Sentinel disco
                                 config said at the latest write). Expires after
                                 ``LEDGER_TTL`` (26 h). ``down`` is not written: a
                                 reader computes it (ledger.py).
+``apipool:{P}:unread``          ZSET of job ids whose ``ok`` result record at
+                                its default result key nobody has read yet,
+                                scored by the unix ms the record expires.
+                                COMPLETE adds (O(log n)); a reader ZREMs on
+                                reading; SWEEP counts the expired ones into
+                                ``expired_unread``. One member per live ``ok``
+                                result; the key expires 10 minutes after
+                                the newest record would (a pool whose slots
+                                are gone leaves nothing behind).
+``apipool:{P}:sweep``           STRING with a PX expiry: the pool's latest
+                                SWEEP ran less than ``SWEEP_INTERVAL_MS`` ago.
 
 Atomic steps
 ============
@@ -116,6 +128,14 @@ SIGNALS    (script) read the pause and the effective concurrency; with
 LEDGER     (script) add a slot's seconds per state to one or more ledger
            buckets, set each bucket's ``slots`` from the config and its expiry,
            in one step: a heartbeat's deltas are written together.
+CANCEL     (script) remove one job from the queue by its exact envelope (the
+           client that submitted it remembers it; ``LREM``), else by its id:
+           a scan of at most ``scan`` envelopes from the end slots take from,
+           decoding only those that contain the id. Counted ``cancelled``.
+           A job in flight or done is not touched.
+SWEEP      (script) at most once per ``SWEEP_INTERVAL_MS`` pool-wide (a SET NX
+           PX guard): move up to ``SWEEP_LIMIT`` expired members of ``unread``
+           into the stats hash's ``expired_unread``; O(log n + moved).
 """
 
 from __future__ import annotations
@@ -199,6 +219,14 @@ class PoolKeys:
     def ledger(self, minute: int) -> str:
         """The ledger bucket of ``minute`` (unix time // 60)."""
         return f"{self.base}:ledger:{minute}"
+
+    @property
+    def unread(self) -> str:
+        return f"{self.base}:unread"
+
+    @property
+    def sweep(self) -> str:
+        return f"{self.base}:sweep"
 
 
 # KEYS[1] queue, KEYS[2] config, KEYS[3] stats
@@ -356,12 +384,14 @@ return dropped
 
 # KEYS[1] inflight, KEYS[2] result key (when ARGV[8] is '1'; else any key of the
 #         pool, not written: the slot passes the dead list), KEYS[3] stats,
-#         KEYS[4] dead, KEYS[5] queue
+#         KEYS[4] dead, KEYS[5] queue, KEYS[6] unread
 # ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
 # ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
 # ARGV[6] dead-letter entry (JSON) or '', ARGV[7] '1': then take the next job,
 # ARGV[8] '1': write the result record to KEYS[2], ARGV[9] max envelope bytes,
-# ARGV[10] max dead letters (0: no cap), ARGV[11] slot, ARGV[12] now (unix s)
+# ARGV[10] max dead letters (0: no cap), ARGV[11] slot, ARGV[12] now (unix s),
+# ARGV[13] job id to add to unread with the record (or ''), ARGV[14] the
+# record's expiry (unix ms, its score)
 # returns {code, next, skipped}: code 1 when the outcome was written, 0 when the
 #         job was no longer ours, -1 when the result key exists but is not a
 #         list (nothing changed); next: the next envelope, taken as TAKE does
@@ -383,6 +413,10 @@ end
 if write then
   redis.call('LPUSH', KEYS[2], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  if ARGV[13] and ARGV[13] ~= '' then
+    redis.call('ZADD', KEYS[6], ARGV[14], ARGV[13])
+    redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[3]) + 600000)
+  end
 end
 if ARGV[6] ~= '' then
   redis.call('LPUSH', KEYS[4], ARGV[6])
@@ -523,4 +557,63 @@ if ARGV[3] ~= '1' then
   eff = nil
 end
 return {eff or slots, math.max(0, redis.call('PTTL', KEYS[1])), slots}
+"""
+
+SWEEP_INTERVAL_MS = 10_000
+"""Pool-wide, SWEEP runs at most once in this many milliseconds (its guard's PX)."""
+SWEEP_LIMIT = 10_000
+"""The most expired ``unread`` members one SWEEP counts (the rest wait for the next)."""
+CANCEL_SCAN = 1_000
+"""The default bound of CANCEL's scan by id: envelopes read from the end slots take from."""
+
+# KEYS[1] queue, KEYS[2] stats
+# ARGV[1] job id, ARGV[2] the envelope exactly as submitted, or '' (not known),
+# ARGV[3] the most envelopes to scan by id when the exact one is not in the queue
+# returns 1 when the job was removed from the queue (counted ``cancelled``),
+#         0 when it is not in the queue, -1 when it is not among the ARGV[3]
+#         envelopes nearest the end slots take from (the queue is longer)
+CANCEL_SCRIPT = """
+if ARGV[2] ~= '' and redis.call('LREM', KEYS[1], 1, ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+  return 1
+end
+local n = redis.call('LLEN', KEYS[1])
+local stop = math.max(0, n - tonumber(ARGV[3]))
+local hi = n - 1
+while hi >= stop do
+  local lo = math.max(stop, hi - 99)
+  local chunk = redis.call('LRANGE', KEYS[1], lo, hi)
+  for i = #chunk, 1, -1 do
+    local v = chunk[i]
+    if string.find(v, ARGV[1], 1, true) then
+      local ok, doc = pcall(cjson.decode, v)
+      if ok and type(doc) == 'table' and doc['id'] == ARGV[1] then
+        redis.call('LREM', KEYS[1], -1, v)
+        redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+        return 1
+      end
+    end
+  end
+  hi = lo - 1
+end
+if stop > 0 then
+  return -1
+end
+return 0
+"""
+
+# KEYS[1] unread, KEYS[2] stats, KEYS[3] sweep guard
+# ARGV[1] now (unix ms), ARGV[2] guard ms, ARGV[3] the most members to count
+# returns the number of expired unread results counted (and removed from
+#         KEYS[1]), or -1 when another sweep ran less than ARGV[2] ms ago
+SWEEP_SCRIPT = """
+if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -1
+end
+local n = math.min(redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1]), tonumber(ARGV[3]))
+if n > 0 then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - 1)
+  redis.call('HINCRBY', KEYS[2], 'expired_unread', n)
+end
+return n
 """

@@ -110,6 +110,13 @@ class SlotMetrics:
             ["pool", "slot"],
             registry=self.registry,
         ).labels(**labels)
+        self.expired_unread = Counter(
+            "apipool_results_expired_unread",
+            "Results of paid calls that expired before anyone read them (counted by the slot"
+            " that swept them; sum over the slots)",
+            ["pool", "slot"],
+            registry=self.registry,
+        ).labels(**labels)
         self.effective_slots = self._gauge(
             "apipool_effective_slots", "The pool's effective concurrency as this slot last saw it"
         )

@@ -37,6 +37,7 @@ Arg = str | bytes | int | float
 
 __all__ = [
     "RESULT_STATUSES",
+    "CancelCode",
     "FinishCode",
     "Finished",
     "LeaseAnswer",
@@ -97,9 +98,11 @@ REQUEUE = Script("requeue", layout.REQUEUE_SCRIPT)
 LEDGER = Script("ledger", layout.LEDGER_SCRIPT)
 THROTTLE = Script("throttle", layout.THROTTLE_SCRIPT)
 SIGNALS = Script("signals", layout.SIGNALS_SCRIPT)
+CANCEL = Script("cancel", layout.CANCEL_SCRIPT)
+SWEEP = Script("sweep", layout.SWEEP_SCRIPT)
 SCRIPTS = (
     SUBMIT, TAKE, TAKE_AHEAD, DROP, ACQUIRE, RENEW, RELEASE, COMPLETE, REQUEUE, LEDGER,
-    THROTTLE, SIGNALS,
+    THROTTLE, SIGNALS, CANCEL, SWEEP,
 )  # fmt: skip
 
 
@@ -245,6 +248,19 @@ def _flag(reply: Any) -> bool:
     return bool(int(reply))
 
 
+class CancelCode(enum.IntEnum):
+    REMOVED = 1
+    """The job was in the queue and is removed (counted ``cancelled``)."""
+    ABSENT = 0
+    """Not in the queue: taken by a slot, done, or never submitted."""
+    BEYOND_SCAN = -1
+    """Not among the envelopes scanned; the queue is longer than the scan."""
+
+
+def _cancelled(reply: Any) -> CancelCode:
+    return CancelCode(int(reply))
+
+
 @dataclass(frozen=True)
 class PoolProtocol:
     """The atomic steps on pool ``pool``'s keys (see layout.py for each script)."""
@@ -330,13 +346,16 @@ class PoolProtocol:
         busy_ms: int = 0,
         dead_entry: str = "",
         take_next: bool = False,
+        unread: str | None = None,
     ) -> Step[Finished]:
         """Write a job's one outcome if (and only if) it is still in slot's
-        in-flight list; the result record only when ``result_key`` is known."""
+        in-flight list; the result record only when ``result_key`` is known.
+        ``unread``: the job id to add to the pool's unread set along with the
+        record, scored by the record's expiry (SWEEP counts it unless read)."""
         k = self.keys
         return Step(
             COMPLETE,
-            (k.inflight(slot), result_key or k.dead, k.stats, k.dead, k.queue),
+            (k.inflight(slot), result_key or k.dead, k.stats, k.dead, k.queue, k.unread),
             (
                 raw,
                 record,
@@ -347,6 +366,8 @@ class PoolProtocol:
                 "1" if take_next else "",
                 "1" if result_key else "",
                 *self._take_args(slot),
+                unread or "",
+                round(time.time() * 1000) + ttl_ms,
             ),
             _finished,
         )
@@ -423,3 +444,25 @@ class PoolProtocol:
                 args += [number, state, repr(float(seconds))]
         keys = (k.config, *(k.ledger(m) for m in minutes))
         return Step(LEDGER, keys, tuple(args), int)
+
+    def cancel(
+        self, job_id: str, envelope: str | bytes = "", *, scan: int = layout.CANCEL_SCAN
+    ) -> Step[CancelCode]:
+        """Remove job ``job_id`` from the queue if it is there: by its exact
+        ``envelope`` when known, else by a scan of at most ``scan`` envelopes
+        from the end slots take from (CANCEL in layout.py)."""
+        k = self.keys
+        return Step(CANCEL, (k.queue, k.stats), (job_id, envelope, max(0, scan)), _cancelled)
+
+    def sweep(
+        self,
+        *,
+        now_ms: int,
+        interval_ms: int = layout.SWEEP_INTERVAL_MS,
+        limit: int = layout.SWEEP_LIMIT,
+    ) -> Step[int]:
+        """Count results that expired unread into ``expired_unread``, at most
+        once per ``interval_ms`` pool-wide; -1 when another sweep ran meanwhile
+        (SWEEP in layout.py)."""
+        k = self.keys
+        return Step(SWEEP, (k.unread, k.stats, k.sweep), (now_ms, interval_ms, limit), int)

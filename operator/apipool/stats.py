@@ -12,9 +12,17 @@ from .errors import RedisUnavailable
 from .layout import PoolKeys
 from .protocol import Outcome
 
-COUNTERS = ("submitted", *(o.value for o in Outcome), "busy_ms", "dead_trimmed")
+COUNTERS = (
+    "submitted",
+    *(o.value for o in Outcome),
+    "busy_ms",
+    "dead_trimmed",
+    "cancelled",
+    "expired_unread",
+)
 """The counters of a pool's stats hash: submissions, one per outcome, handler time,
-dead letters trimmed off the capped list."""
+dead letters trimmed off the capped list, jobs removed from the queue by
+``Client.cancel``, ``ok`` results that expired before anyone read them."""
 
 
 @dataclass(frozen=True)
