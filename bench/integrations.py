@@ -1,5 +1,5 @@
-"""RQ workers handing their calls to a pool: what preloading the job module buys,
-and how many general workers keep N slots busy.
+"""RQ and Celery workers handing their calls to a pool: what preloading the job
+module buys, and how many general workers keep N slots busy.
 
 One redis-server, the stand-in API (limit 8, each call ``CALL_MS`` of service) and
 a pool of N = 8 slots with the http handler. For each mode and each number W of
@@ -11,7 +11,11 @@ more jobs than the run can do; each job submits one call to the pool with
 - ``default``: ``rq worker``: the worker never imports the job module, so every
   work horse imports ``rq_jobs`` (and apipool) and makes its client anew;
 - ``preloaded``: ``rq worker -w rq_jobs.PreloadedWorker``: the module and the
-  client are loaded once in the worker, before it forks.
+  client are loaded once in the worker, before it forks;
+- ``celery``: one ``celery -A celery_tasks worker --pool prefork -c W``
+  (examples/python/celery_tasks.py): W pool processes forked once from a parent
+  that imported the tasks (Celery preloads by default), each running one task at
+  a time (``worker_prefetch_multiplier=1``, ``task_acks_late``).
 
 Once every worker has registered and ``WARMUP_S`` more have passed, the window
 of ``WINDOW_S`` seconds is measured: ``util_<mode>_<W>`` is the stand-in's
@@ -43,7 +47,7 @@ SLOTS = 8
 CALL_MS = 100
 WORKERS = (8, 16, 24)
 QUICK_WORKERS = (8, 24)
-MODES = ("default", "preloaded")
+MODES = ("default", "preloaded", "celery")
 WARMUP_S = 3.0
 WINDOW_S = 15.0
 QUICK_WINDOW_S = 5.0
@@ -84,10 +88,61 @@ def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(10)
 
 
+def _window(stand_in: StandInThread, window: float) -> tuple[float, float]:
+    """After WARMUP_S: the pool's utilization and calls served per second over ``window``."""
+    time.sleep(WARMUP_S)
+    before, t0 = stand_in.api.stats(include_samples=False), time.monotonic()
+    time.sleep(window)
+    after, t1 = stand_in.api.stats(include_samples=False), time.monotonic()
+    busy = after.busy_seconds - before.busy_seconds
+    served = after.ok_total - before.ok_total
+    return busy / (SLOTS * (t1 - t0)), served / (t1 - t0)
+
+
+def _measure_celery(
+    server: RedisServer, api_url: str, stand_in: StandInThread, count: int, window: float,
+    env: dict[str, str],
+) -> tuple[float, float]:  # fmt: skip
+    from celery import Celery
+
+    broker_url = server.url.rsplit("/", 1)[0] + "/2"
+    queue = f"apis-celery-{count}"
+    app = Celery("bench", broker=broker_url)
+    tasks = int(window * 1.5 * SLOTS * 1000 / CALL_MS) + 200
+    url = f"{api_url}/work?ms={CALL_MS}"
+    with app.producer_or_acquire() as producer:
+        for _ in range(tasks):
+            app.send_task("celery_tasks.fetch", args=[url, 20.0], queue=queue,
+                          ignore_result=True, producer=producer)  # fmt: skip
+    examples = str(REPO_ROOT / "examples" / "python")
+    cmd = [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", "--pool", "prefork",
+           "-c", str(count), "-Q", queue, "--without-gossip", "--without-mingle",
+           "--without-heartbeat", "--loglevel", "WARNING"]  # fmt: skip
+    path = os.pathsep.join([examples, env.get("PYTHONPATH", "")])
+    worker_env = dict(env, CELERY_BROKER_URL=broker_url, PYTHONPATH=path)
+    proc = subprocess.Popen(cmd, env=worker_env, cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        start = stand_in.api.stats(include_samples=False).ok_total
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the pool processes are up once calls come
+            if stand_in.api.stats(include_samples=False).ok_total >= start + SLOTS:
+                break
+            time.sleep(0.2)
+        return _window(stand_in, window)
+    finally:
+        _kill([proc])
+        redis.Redis.from_url(broker_url).flushdb()
+        redis.Redis.from_url(server.url).delete(f"apipool:{{{POOL}}}:queue")
+        time.sleep(1.0)  # the calls in flight end
+
+
 def _measure(
     server: RedisServer, api_url: str, stand_in: StandInThread, mode: str, count: int,
     window: float, env: dict[str, str],
 ) -> tuple[float, float]:  # fmt: skip
+    if mode == "celery":
+        return _measure_celery(server, api_url, stand_in, count, window, env)
     broker_url = server.url.rsplit("/", 1)[0] + "/1"
     broker = redis.Redis.from_url(broker_url)
     queue = Queue(f"apis-{mode}-{count}", connection=broker)
@@ -101,18 +156,12 @@ def _measure(
         deadline = time.monotonic() + 60
         while len(Worker.all(queue=queue)) < count and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(WARMUP_S)
-        before, t0 = stand_in.api.stats(include_samples=False), time.monotonic()
-        time.sleep(window)
-        after, t1 = stand_in.api.stats(include_samples=False), time.monotonic()
+        return _window(stand_in, window)
     finally:
         _kill(procs)
         queue.empty()
         redis.Redis.from_url(server.url).delete(f"apipool:{{{POOL}}}:queue")
         time.sleep(1.0)  # the calls in flight end
-    busy = after.busy_seconds - before.busy_seconds
-    served = after.ok_total - before.ok_total
-    return busy / (SLOTS * (t1 - t0)), served / (t1 - t0)
 
 
 def run(*, quick: bool = False, seed: int = 1) -> Figures:

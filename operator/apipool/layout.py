@@ -384,7 +384,7 @@ return dropped
 
 # KEYS[1] inflight, KEYS[2] result key (when ARGV[8] is '1'; else any key of the
 #         pool, not written: the slot passes the dead list), KEYS[3] stats,
-#         KEYS[4] dead, KEYS[5] queue, KEYS[6] unread
+#         KEYS[4] dead, KEYS[5] queue, KEYS[6] unread (only when ARGV[13] names a job)
 # ARGV[1] envelope exactly as taken, ARGV[2] result record (JSON),
 # ARGV[3] result ttl ms, ARGV[4] outcome counter name, ARGV[5] busy ms,
 # ARGV[6] dead-letter entry (JSON) or '', ARGV[7] '1': then take the next job,

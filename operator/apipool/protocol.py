@@ -351,11 +351,14 @@ class PoolProtocol:
         """Write a job's one outcome if (and only if) it is still in slot's
         in-flight list; the result record only when ``result_key`` is known.
         ``unread``: the job id to add to the pool's unread set along with the
-        record, scored by the record's expiry (SWEEP counts it unless read)."""
+        record, scored by the record's expiry (SWEEP counts it unless read); the
+        unread set is named among the keys only then (a slot whose ACL lacks it
+        can still dead-letter)."""
         k = self.keys
+        tracked = (k.unread,) if unread else ()
         return Step(
             COMPLETE,
-            (k.inflight(slot), result_key or k.dead, k.stats, k.dead, k.queue, k.unread),
+            (k.inflight(slot), result_key or k.dead, k.stats, k.dead, k.queue, *tracked),
             (
                 raw,
                 record,
