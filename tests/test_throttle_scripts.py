@@ -76,15 +76,34 @@ def test_effective_steps_down_per_429_and_back_up_in_growing_steps(
         return proto.signals(adapt=True, probe_ms=PROBE_MS, now_ms=at).run(r).effective
 
     assert signals(t + PROBE_MS - 1) == 3  # not yet
-    assert signals(t + PROBE_MS) == 4  # +1
+    assert signals(t + PROBE_MS) == 4  # +1: up to the level last refused, no further
     assert signals(t + PROBE_MS + 10) == 4
-    assert signals(t + 2 * PROBE_MS) == 6  # +2
-    assert signals(t + 3 * PROBE_MS) == 8  # +4, capped at N: back to N
+    assert signals(t + 2 * PROBE_MS) == 5  # it held there: on by one
+    assert signals(t + 3 * PROBE_MS) == 7  # +2
+    assert signals(t + 4 * PROBE_MS) == 8  # +4, capped at N: back to N
     assert r.exists(keys.effective, keys.adapt) == 0
     # A 429 while climbing: one down, and the step starts again at 1.
     r.lpush(keys.inflight(0), b"x")
-    assert throttle(r, proto, b"x", at=t + 4 * PROBE_MS)[1] == 7
-    assert signals(t + 5 * PROBE_MS) == 8
+    assert throttle(r, proto, b"x", at=t + 5 * PROBE_MS)[1] == 7
+    assert signals(t + 6 * PROBE_MS) == 8
+
+
+def test_a_steady_lower_limit_costs_one_refusal_per_probe(r: redis.Redis, pool: str) -> None:
+    """At a limit of 4 (N = 8), the probe goes to 5, is refused, and E is back at
+    4: never a jump past the level last refused."""
+    proto, keys = PoolProtocol(pool), PoolKeys(pool)
+    write_pool_config(r, pool, slots=8)
+    t = now_ms()
+    r.set(keys.effective, 4)
+    seen = []
+    for k in range(6):
+        at = t + (k + 1) * PROBE_MS
+        level = proto.signals(adapt=True, probe_ms=PROBE_MS, now_ms=at).run(r).effective
+        seen.append(level)
+        if level > 4:  # the API refuses the fifth call in flight
+            r.lpush(keys.inflight(0), b"p%d" % k)
+            assert throttle(r, proto, b"p%d" % k, at=at)[1] == 4
+    assert seen == [5, 5, 5, 5, 5, 5]
 
 
 def test_never_below_one_and_never_above_n(r: redis.Redis, pool: str) -> None:

@@ -48,9 +48,9 @@ today's clients connect to one Redis endpoint, without Cluster or Sentinel disco
 ``apipool:{P}:effective``       STRING: the pool's effective concurrency while
                                 the API refuses calls below N (absent: N).
                                 Slots with an index at or above it are parked.
-``apipool:{P}:adapt``           STRING ``"<changed> <step>"``: unix ms of the
-                                latest change of ``effective``, and the next
-                                increase (plain SET/GET: a slot's ACL has no HSET).
+``apipool:{P}:adapt``           STRING ``"<changed> <step> <ceiling>"``: unix ms
+                                of the latest change of ``effective``, the next
+                                increase, and the level last refused (0: none).
 ``apipool:{P}:config``          HASH of pool settings read by producers:
                                 ``max_queue_length`` (0 or absent: unbounded),
                                 ``slots`` (N, for stats).
@@ -124,7 +124,9 @@ THROTTLE   (script) the API said "slow down": remove the exact envelope from
            ``effective`` by one.
 SIGNALS    (script) read the pause and the effective concurrency; with
            adaptation, raise ``effective`` by ``step`` once no 429 has lowered
-           it for the probe interval, doubling ``step`` (back to N: removed).
+           it for the probe interval, doubling ``step`` (back to N: removed),
+           but never past the level last refused until it has held at it for
+           a probe interval (then one by one again).
 LEDGER     (script) add a slot's seconds per state to one or more ledger
            buckets, set each bucket's ``slots`` from the config and its expiry,
            in one step: a heartbeat's deltas are written together.
@@ -513,11 +515,12 @@ if eff > slots then
   eff = slots
 end
 if ARGV[5] == '1' and ms == 0 and slots > 0 then
+  local refused = eff
   if eff > 1 then
     eff = eff - 1
   end
   redis.call('SET', KEYS[5], eff)
-  redis.call('SET', KEYS[6], ARGV[6] .. ' 1')
+  redis.call('SET', KEYS[6], ARGV[6] .. ' 1 ' .. refused)
 elseif ARGV[5] ~= '1' then
   eff = slots
 end
@@ -533,23 +536,31 @@ local slots = tonumber(redis.call('HGET', KEYS[4], 'slots') or '') or 0
 local eff = tonumber(redis.call('GET', KEYS[2]) or '')
 if eff and ARGV[3] == '1' and slots > 0 then
   local now = tonumber(ARGV[1])
-  local changed, step = 0, 1
+  local changed, step, ceiling = 0, 1, 0
   local adapt = redis.call('GET', KEYS[3])
   if adapt then
-    local c, s = string.match(adapt, '^(%d+) (%d+)$')
-    changed, step = tonumber(c) or 0, tonumber(s) or 1
+    local c, s, top = string.match(adapt, '^(%d+) (%d+) ?(%d*)$')
+    changed, step, ceiling = tonumber(c) or 0, tonumber(s) or 1, tonumber(top) or 0
   end
   if eff >= slots then
     eff = nil
     redis.call('DEL', KEYS[2], KEYS[3])
   elseif now - changed >= tonumber(ARGV[2]) then
-    eff = math.min(slots, eff + step)
+    local by, nextstep = step, step * 2
+    if ceiling > 0 and eff >= ceiling then
+      -- it held a probe interval at the level last refused: on one by one
+      ceiling, by, nextstep = 0, 1, 2
+    elseif ceiling > 0 and eff + step >= ceiling then
+      -- up to the level last refused, no further, until it holds there
+      by, nextstep = ceiling - eff, 1
+    end
+    eff = math.min(slots, eff + by)
     if eff >= slots then
       eff = nil
       redis.call('DEL', KEYS[2], KEYS[3])
     else
       redis.call('SET', KEYS[2], eff)
-      redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. (step * 2))
+      redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. nextstep .. ' ' .. ceiling)
     end
   end
 end
