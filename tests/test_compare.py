@@ -74,3 +74,10 @@ def test_compare_quick(tmp_path: Path) -> None:
     pool = doc["systems"]["apipool"]
     assert pool["max_concurrency"] <= pool["limit"], pool["over_limit_events"]
     assert pool["over_limit_seconds"] == 0.0
+    # Then apipool's own failover table: plain slots and keepers, both within the cap.
+    failover = doc["failover"]
+    assert "SIGSTOP 8 s every 3 s" in proc.stdout
+    for run in ("kill_plain", "kill_standby", "hang_plain", "hang_standby"):
+        assert failover[f"over_limit_s_{run}"] == 0, run
+        assert failover[f"max_concurrency_{run}"] <= failover["slots"], run
+        assert failover[f"faults_{run}"] >= 1, run
