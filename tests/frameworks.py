@@ -1,6 +1,7 @@
 """What tests/test_rq.py and tests/test_celery.py share: a pool of http slots in
 front of the stand-in API, and the framework's worker processes, started as a
-user would start them and killed at the end."""
+user would start them and killed at the end; and the load that keeps a pool's
+queue filled (tests/test_keeper.py, tests/test_adaptive.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 
 import redis
 
+from apipool.client import Client
+from apipool.layout import PoolKeys
 from apipool.stats import write_pool_config
 from apipool.testing.standin import StandInApi
 from apipool.testing.standin.server import StandInThread
@@ -95,3 +99,46 @@ def check_answers(answers: Sequence[dict[str, Any]], api: StandInApi, n: int) ->
     assert stats.ok_total == len(answers)  # one call per job, none lost or repeated
     assert stats.max_concurrency <= n
     assert stats.over_limit_seconds == 0
+
+
+class Load:
+    """Keeps ``depth`` jobs GETting ``url`` queued for pool ``pool`` (topped up
+    every ``every`` seconds while entered); remembers every job id."""
+
+    def __init__(self, redis_url: str, pool: str, url: str, *, depth: int, every: float) -> None:
+        self.client = Client(redis_url, pool)
+        self.r = redis.Redis.from_url(redis_url)
+        self.keys = PoolKeys(pool)
+        self.url = url
+        self.depth = depth
+        self.every = every
+        self.ids: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if int(self.r.llen(self.keys.queue)) < self.depth:
+                self.ids.append(self.client.submit({"method": "GET", "url": self.url}))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def outcomes(self) -> dict[str, int]:
+        """How many jobs have no result (lost), one, or more (duplicated)."""
+        counts: dict[str, int] = {}
+        for job_id in self.ids:
+            copies = int(self.r.llen(self.keys.result(job_id)))
+            key = "lost" if copies == 0 else "duplicated" if copies > 1 else "one"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        self.client.close()
+        self.r.close()

@@ -7,7 +7,6 @@ is parked."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +21,7 @@ from apipool.testing.standin import StandInApi
 from apipool.testing.standin.server import StandInThread
 
 from .conftest import SlotProcess
+from .frameworks import Load
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -34,33 +34,6 @@ def api() -> Iterator[StandInApi]:
     thread = StandInThread(N, default_ms=50)
     yield thread.start()
     thread.stop()
-
-
-class Load:
-    """Keeps jobs queued for the pool; remembers every job id."""
-
-    def __init__(self, redis_url: str, pool: str, api: StandInApi) -> None:
-        self.client = Client(redis_url, pool)
-        self.r = redis.Redis.from_url(redis_url)
-        self.keys = PoolKeys(pool)
-        self.url = f"{api.url}/work?ms=50"
-        self.ids: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if int(self.r.llen(self.keys.queue)) < 2 * N:
-                self.ids.append(self.client.submit({"method": "GET", "url": self.url}))
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def effective(r: redis.Redis, pool: str) -> int:
@@ -96,7 +69,7 @@ def test_the_pool_adapts_below_n_and_climbs_back(
 ) -> None:
     write_pool_config(r, pool, slots=N)
     slots = start_pool(start_slot, api)
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=50", depth=2 * N, every=0.005)
     with load:
         wait_for(lambda: api.stats(include_samples=False).ok_total > 40, 20, what="calls")
         api.set_shared_limit(2)  # others take half of the API's limit
@@ -136,7 +109,7 @@ def test_without_adaptation_no_slot_is_parked(
 ) -> None:
     write_pool_config(r, pool, slots=N)
     slots = start_pool(start_slot, api, ("--adaptive", "false"))
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=50", depth=2 * N, every=0.005)
     with load:
         wait_for(lambda: api.stats(include_samples=False).ok_total > 20, 20, what="calls")
         api.set_shared_limit(2)

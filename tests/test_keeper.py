@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from apipool.testing.standin import StandInApi
 from apipool.testing.standin.server import StandInThread
 
 from .conftest import SlotProcess
+from .frameworks import Load
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(90)]
 
@@ -69,45 +69,6 @@ def active_pid(slot: SlotProcess) -> int | None:
             return int(json.loads(response.read())["pid"])
     except (OSError, ValueError, KeyError):
         return None
-
-
-class Load:
-    """Keeps a few jobs queued for the slot; remembers every job id."""
-
-    def __init__(self, redis_url: str, pool: str, api: StandInApi) -> None:
-        self.client = Client(redis_url, pool)
-        self.r = redis.Redis.from_url(redis_url)
-        self.keys = PoolKeys(pool)
-        self.url = f"{api.url}/work?ms=100"
-        self.ids: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if int(self.r.llen(self.keys.queue)) < 3:
-                self.ids.append(self.client.submit({"method": "GET", "url": self.url}))
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def outcomes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for job_id in self.ids:
-            copies = int(self.r.llen(self.keys.result(job_id)))
-            key = "lost" if copies == 0 else "duplicated" if copies > 1 else "one"
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def close(self) -> None:
-        self.client.close()
-        self.r.close()
 
 
 @pytest.fixture
@@ -174,7 +135,7 @@ def test_a_killed_worker_is_replaced_by_the_warm_standby(
     keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str
 ) -> None:
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         old, standby, done = calling(slot, api)
         killed_at = time.monotonic()
@@ -194,7 +155,7 @@ def test_a_hung_worker_is_killed_and_reaped_before_the_standby_takes_over(
     keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str
 ) -> None:
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         old, standby, done = calling(slot, api)
         os.kill(old, signal.SIGSTOP)
@@ -211,7 +172,7 @@ def test_a_killed_standby_is_replaced_and_the_worker_goes_on(
     keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str
 ) -> None:
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         wait_for(lambda: calling_again(api, 0), 10, what="calls")
         active = active_pid(slot)
@@ -248,7 +209,7 @@ def test_sigterm_during_a_promotion_leaves_no_process_and_one_caller(
     keeper: Callable[[], SlotProcess], api: StandInApi, redis_url: str, pool: str
 ) -> None:
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         old, standby, _ = calling(slot, api)
         family = {old, standby}
@@ -334,7 +295,7 @@ def test_a_frozen_slot_is_not_a_hung_one(
     the keeper itself did not run is not counted as the worker's silence, so
     nothing is killed and the same worker calls on."""
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         active, standby, _ = calling(slot, api)
         family = (slot.proc.pid, active, standby)
@@ -388,7 +349,7 @@ def test_a_worker_starved_of_cpu_is_not_a_hung_one(
     kernel counts it as waiting for a CPU. That wait is not silence: nothing is
     killed, and once the quota is lifted the same worker calls on."""
     slot = keeper()
-    load = Load(redis_url, pool, api)
+    load = Load(redis_url, pool, f"{api.url}/work?ms=100", depth=3, every=0.01)
     with load:
         active, _, _ = calling(slot, api)
         (quota / "cgroup.procs").write_text(str(active))
