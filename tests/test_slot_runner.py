@@ -245,6 +245,27 @@ async def test_a_job_recovered_elsewhere_during_a_lease_loss_is_dropped_here(
     assert r.exists(rig.keys.result(env.id)) == 0
 
 
+async def test_a_job_that_reaches_the_list_after_the_lease_was_lost_goes_back_uncalled(
+    ar: aioredis.Redis, r: redis.Redis, pool: str
+) -> None:
+    """A take sent before a SIGSTOP may move a job in after another owner took the
+    slot over (and recovered its list): the job must not wait here for a lease
+    that does not come back, stranded in the other owner's list."""
+    calls = Calls()
+    rig = await make_rig(ar, r, pool, {"record": calls.handler()})
+    env = make_envelope("late")
+    raw = await rig.take(env)
+    epoch = rig.lease.epoch
+    r.set(rig.keys.lease(0), b"pod-b/1", px=60_000)  # the new owner
+    assert not await rig.lease.renew(ar)
+    await rig.runner.run(raw, epoch)
+    assert calls.seen == []
+    assert rig.waits == 0  # did not wait for the lease
+    assert r.llen(rig.keys.inflight(0)) == 0
+    assert r.lrange(rig.keys.queue, 0, -1) == [raw]  # unchanged, first in line
+    assert r.get(rig.keys.lease(0)) == b"pod-b/1"
+
+
 async def test_a_job_is_taken_only_while_a_take_and_a_whole_call_still_fit(
     ar: aioredis.Redis, r: redis.Redis, pool: str
 ) -> None:

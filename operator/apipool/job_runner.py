@@ -299,6 +299,14 @@ class JobRunner:
         now. False: it was handed back (stopping) or is no longer ours."""
         budget = self.timings.call_timeout + self.timings.fence_margin
         while True:
+            if not self.lease.held:
+                # A renewal found the lease gone or taken: another process may own
+                # the slot, its in-flight list included, and recovers only what it
+                # found there at takeover. A job that reached the list late (a take
+                # sent before a SIGSTOP, answered after it) would wait here for a
+                # lease that may never come back, stranded: hand it back, uncalled.
+                await self.inflight.hand_back(raw)
+                return False
             if self.lease.valid_for(budget):
                 if epoch == self.lease.epoch:
                     return True
