@@ -31,7 +31,6 @@ Guarantees of :class:`Heartbeat`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -46,6 +45,7 @@ from .ledger import Buckets, by_minute, merge_buckets
 from .metrics import SlotMetrics
 from .redis_checks import EvictionGuard, error_kind, exception_text
 from .slot_time import SlotTime
+from .waiting import wait_event
 
 log = logging.getLogger("apipool.slot")
 
@@ -236,8 +236,7 @@ class Heartbeat:
     async def wait_change(self, timeout: float) -> None:
         """Return after the next beat or wake(), or after ``timeout`` seconds."""
         self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        await wait_event(self._changed, timeout)
 
     def wake(self) -> None:
         """Wake every task in wait_change (a stop began)."""

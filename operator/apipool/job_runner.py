@@ -28,7 +28,6 @@ Guarantees of :class:`JobRunner`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +51,7 @@ from .recovery import attempt_problem
 from .redis_checks import exception_text
 from .settings import SlotSettings
 from .throttling import PoolSignals, backoff
+from .waiting import wait_event
 
 log = logging.getLogger("apipool.slot")
 
@@ -153,8 +153,7 @@ class JobRunner:
         at most one heartbeat interval (or until a stop)."""
         end = time.monotonic() + self.timings.heartbeat_interval
         while self.signals.parked and not self.stopping.is_set() and time.monotonic() < end:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), PARKED_LOOK)
+            await wait_event(self.stopping, PARKED_LOOK)
             await self.refresh_signals(force=True)
 
     def _heard(self, answer: Signals) -> None:
@@ -232,8 +231,8 @@ class JobRunner:
             if env.deadline is not None and env.deadline <= now + wait:
                 await self._expire(raw, env, "deadline passes before the API takes calls again")
                 return False
-            with self.held_back(), contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), min(wait, HOLD_LOOK))
+            with self.held_back():
+                await wait_event(self.stopping, min(wait, HOLD_LOOK))
             if self.stopping.is_set():
                 await self.inflight.hand_back(raw)
                 return False

@@ -21,7 +21,6 @@ Guarantees of :class:`Retrier`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 
 from .metrics import SlotMetrics
 from .redis_checks import REFUSED_RETRY, ErrorKind, error_kind, exception_text
+from .waiting import wait_event
 
 log = logging.getLogger("apipool.slot")
 T = TypeVar("T")
@@ -93,8 +93,7 @@ class Retrier:
 
     async def pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when a stop begins meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await wait_event(self.stopping, seconds)
 
     async def run(
         self,

@@ -46,6 +46,7 @@ from .settings import (
     check_pool_name,
 )
 from .stats import write_pool_config
+from .waiting import wait_event
 
 log = logging.getLogger("apipool.supervisor")
 
@@ -332,8 +333,7 @@ class Supervisor:
             lived = slot.last_exit - slot.started_at
             backoff = restart_backoff(backoff, lived, self.settings.restart_backoff_max)
             if backoff:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                await wait_event(self.stopping, backoff)
 
     async def _shutdown(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]

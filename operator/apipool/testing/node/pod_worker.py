@@ -22,13 +22,13 @@ changed. The kubelet's rules it keeps (see ``kubelet-facts.md`` in the notes):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...waiting import wait_event
 from .api import ApiError, NodeApi, Partitioned
 from .backoff import Backoff, BackoffPolicy
 from .container import ContainerProcess, exit_code, rfc3339
@@ -311,9 +311,7 @@ class PodWorker:
 
     async def wait_terminating(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True if the pod began terminating."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.terminating.wait(), timeout)
-        return self.terminating.is_set()
+        return await wait_event(self.terminating, timeout)
 
     async def container_env(self, container: Mapping[str, Any]) -> dict[str, str]:
         """The container's environment, Secrets and ConfigMaps read from the API now."""
@@ -400,8 +398,7 @@ class PodWorker:
         """Write the status when it changed, and at least every ``STATUS_RESYNC`` s
         (a write that failed, e.g. during a partition, is made good)."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), STATUS_RESYNC)
+            await wait_event(self._changed, STATUS_RESYNC)
             self._changed.clear()
             await self._flush()
 

@@ -121,9 +121,8 @@ async def _tcp(
 ) -> bool:
     port = port_number(action.get("port"), ports)
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(action.get("host") or address, port), timeout
-        )
+        async with asyncio.timeout(timeout):  # not wait_for: see apipool.waiting
+            _, writer = await asyncio.open_connection(action.get("host") or address, port)
     except (TimeoutError, OSError):
         return False
     writer.close()
@@ -145,7 +144,8 @@ async def _exec(action: Mapping[str, Any], prefix: Sequence[str], timeout: float
     except OSError:
         return False
     try:
-        return await asyncio.wait_for(proc.wait(), timeout) == 0
+        async with asyncio.timeout(timeout):
+            return await proc.wait() == 0
     except TimeoutError:
         proc.kill()
         await proc.wait()
