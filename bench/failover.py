@@ -70,7 +70,7 @@ def _schedule(duration: float, kind: str, hold: float) -> tuple[ScheduledFault, 
 
 
 def run(*, quick: bool = False, seed: int = 1) -> Figures:
-    duration = 7.0 if quick else 60.0
+    duration = 5.0 if quick else 60.0
     figures: Figures = {
         "slots": SLOTS,
         "call_ms": CALL_MS,

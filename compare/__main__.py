@@ -42,8 +42,8 @@ NOTES = {
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m compare", description=__doc__.split("\n\n")[1])
-    p.add_argument("--quick", action="store_true", help="~10 s per system: checks the harness")
-    p.add_argument("--duration", type=float, help="seconds per system (default 45, quick 10)")
+    p.add_argument("--quick", action="store_true", help="~7 s per system: checks the harness")
+    p.add_argument("--duration", type=float, help="seconds per system (default 45, quick 7)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--limit", type=int, default=4, help="N, the API's limit (default 4)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
@@ -88,7 +88,7 @@ def run_failover(*, quick: bool, seed: int) -> dict[str, Any] | None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    duration = a.duration or (10.0 if a.quick else 45.0)
+    duration = a.duration or (7.0 if a.quick else 45.0)
     s = Settings(
         limit=a.limit,
         workers=2 * a.limit,
