@@ -45,13 +45,18 @@ NOW = 1_800_000_000.0
         ("Wed, 99 Foo 2015 07:28:00 GMT", None),
         ("Wed, 21 Oct 2015 07:28:00", None),  # no zone: not an HTTP date
         ("9" * (MAX_RETRY_AFTER_CHARS + 1), None),
+        ("\u00b2", None),  # a digit to str.isdigit(), not to int(): found by hypothesis
+        ("\u0663", None),  # an Arabic-Indic three: float() reads it, HTTP does not
+        ("1_0", None),  # float() reads it, HTTP does not
+        ("+5", None),
+        (" 7 ", 7.0),
     ],
 )
 def test_retry_after_values(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, NOW) == seconds
 
 
-@given(st.text(max_size=200))
+@given(st.text(max_size=200) | st.from_regex(r"\s*[\d.,eE+-]{1,12}\s*", fullmatch=True))
 def test_any_retry_after_text_gives_a_wait_or_none(value: str) -> None:
     seconds = parse_retry_after(value, NOW)
     assert seconds is None or (seconds >= 0 and seconds == seconds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -30,6 +31,7 @@ SIGNALS_EVERY = 0.2
 """Seconds between two reads of the pool's pause and effective concurrency by a slot."""
 MAX_RETRY_AFTER_CHARS = 64
 """A longer Retry-After value is not read (it is no number of seconds or date)."""
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -41,14 +43,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     text = value.strip()
     if not text or len(text) > MAX_RETRY_AFTER_CHARS:
         return None
-    if text.isdigit():
-        return float(int(text))
-    try:
-        seconds = float(text)  # not the standard, but seen in the wild: "1.5"
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    if not text.isascii():  # a header value is ASCII: "²" or "٣" is no number of seconds
+        return None
+    if _SECONDS.fullmatch(text):  # digits, or (not the standard, seen in the wild) "1.5"
+        seconds = float(text)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):

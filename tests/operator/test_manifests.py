@@ -184,6 +184,7 @@ def test_slot_index_reads_only_this_pools_names() -> None:
     assert slot_index("billing", "billing-slot-x") is None
     assert slot_index("billing", "billing-slot-01") is None
     assert slot_index("billing", "billing-other-slot-1") is None
+    assert slot_index("billing", "billing-slot-\u00b2") is None  # isdigit(), yet no int()
 
 
 @pytest.mark.parametrize(

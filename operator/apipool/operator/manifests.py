@@ -56,7 +56,7 @@ def slot_index(pool: str, name: str) -> int | None:
     """The slot index of a pod name of this pool, or None for other names."""
     prefix = f"{pool}-slot-"
     tail = name[len(prefix) :] if name.startswith(prefix) else ""
-    return int(tail) if tail.isdigit() and str(int(tail)) == tail else None
+    return int(tail) if tail.isascii() and tail.isdigit() and str(int(tail)) == tail else None
 
 
 def selector(pool: str) -> dict[str, str]:

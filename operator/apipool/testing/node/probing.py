@@ -85,7 +85,7 @@ def port_number(port: Any, ports: Sequence[Mapping[str, Any]]) -> int:
     """A probe's ``port``: a number, or the name of one of the container's ports."""
     if isinstance(port, int):
         return port
-    if isinstance(port, str) and port.isdigit():
+    if isinstance(port, str) and port.isascii() and port.isdigit():
         return int(port)
     for item in ports:
         if item.get("name") == port:
