@@ -10,7 +10,8 @@ Guarantees of :class:`JobRunner`:
 - self-fencing: a call starts only while the lease stays valid for
   ``call_timeout + fence_margin``; for a job taken before the lease was lost and
   won again, only if the job is still in our in-flight list (someone may have
-  recovered it meanwhile); a stop while waiting hands the job back unrun;
+  recovered it meanwhile); a stop while waiting hands the job back unrun, and
+  so does a lease a renewal found gone (the next owner shares the list);
 - a call is bounded by ``call_timeout``; its outcome (ok, retried or dead) is
   written in one atomic step that may take the next job along;
 - what retrying cannot mend is dead-lettered after one call: a
@@ -295,7 +296,8 @@ class JobRunner:
 
     async def fence(self, raw: bytes, epoch: int) -> bool:
         """Wait until the lease leaves room for a whole call; True: call job ``raw``
-        now. False: it was handed back (stopping) or is no longer ours."""
+        now. False: it was handed back (stopping, or the lease was lost) or is no
+        longer ours."""
         budget = self.timings.call_timeout + self.timings.fence_margin
         while True:
             if not self.lease.held:
