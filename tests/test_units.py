@@ -82,6 +82,15 @@ def test_keys_share_one_cluster_hash_tag() -> None:
     assert len(set(names)) == len(names)
 
 
+def test_an_in_flight_key_names_its_slot_only_in_canonical_decimal() -> None:
+    keys = PoolKeys("billing")
+    assert keys.slot_of(keys.inflight(12)) == 12
+    assert keys.slot_of(keys.inflight(0).encode()) == 0
+    for tail in ("03", "-1", "x", "\u00b2", "\u0663", ""):
+        assert keys.slot_of(f"{keys.base}:inflight:{tail}") is None, tail
+    assert keys.slot_of(PoolKeys("other").inflight(1)) is None
+
+
 def test_slot_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="max_attempts"):
         SlotSettings(redis_url="redis://x", pool="p", slot=0, max_attempts=0)

@@ -152,6 +152,13 @@ LEDGER_TTL_SECONDS = 26 * 3600
 """Seconds a ledger bucket is kept after its latest write (a day, and slack)."""
 
 
+def index_after(prefix: str, text: str) -> int | None:
+    """The slot index that follows ``prefix`` in ``text`` (an in-flight key, a pod
+    name), in its one canonical decimal form; None for anything else."""
+    tail = text[len(prefix) :] if text.startswith(prefix) else ""
+    return int(tail) if tail.isascii() and tail.isdigit() and str(int(tail)) == tail else None
+
+
 @dataclass(frozen=True)
 class PoolKeys:
     """Key names of one pool."""
@@ -198,9 +205,7 @@ class PoolKeys:
     def slot_of(self, key: bytes | str) -> int | None:
         """The slot index of one of this pool's in-flight keys, else None."""
         text = key.decode(errors="replace") if isinstance(key, bytes) else key
-        prefix = f"{self.base}:inflight:"
-        tail = text[len(prefix) :] if text.startswith(prefix) else ""
-        return int(tail) if tail.isascii() and tail.isdigit() and str(int(tail)) == tail else None
+        return index_after(f"{self.base}:inflight:", text)
 
     @property
     def lease_pattern(self) -> str:

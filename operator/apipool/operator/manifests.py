@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import defaults
+from ..layout import index_after
 from ..settings import ENV_OWNER, ENV_REDIS_URL, Limits, SlotSettings, Timings
 from .spec import PoolSpec
 
@@ -54,9 +55,7 @@ def pod_name(pool: str, index: int) -> str:
 
 def slot_index(pool: str, name: str) -> int | None:
     """The slot index of a pod name of this pool, or None for other names."""
-    prefix = f"{pool}-slot-"
-    tail = name[len(prefix) :] if name.startswith(prefix) else ""
-    return int(tail) if tail.isascii() and tail.isdigit() and str(int(tail)) == tail else None
+    return index_after(f"{pool}-slot-", name)
 
 
 def selector(pool: str) -> dict[str, str]:

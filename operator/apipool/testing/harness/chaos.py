@@ -50,13 +50,15 @@ def pick_victim(
 
 async def worker_pid(port: int, timeout: float = 1.0) -> int | None:
     """The pid in a slot's /healthz answer (the process that serves it), or None."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:  # asyncio.timeout, not wait_for: a stop's cancellation must not be lost (apipool.waiting)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except (OSError, TimeoutError):
         return None
     try:
         writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(65536), timeout)
+        async with asyncio.timeout(timeout):
+            raw = await reader.read(65536)
         body = raw.partition(b"\r\n\r\n")[2]
         pid = json.loads(body).get("pid")
         return int(pid) if isinstance(pid, int) else None
